@@ -88,6 +88,8 @@ class BatchConfig(_Section):
     """Batch composition: m samples of each of size/m classes. 0 = fully random batches."""
     sampler: str = "class_balanced"
     """Registry name of the batch sampler (``class_balanced`` or ``random``)."""
+    sampler_params: ParamDict = Field(default_factory=dict)
+    """Sampler parameters (e.g. ``small_classes: replace``)."""
     iterations_per_epoch: int | None = Field(None, ge=1)
     """Batches per epoch; default: one pass over the train set."""
 
@@ -144,7 +146,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(256, ge=1)
     select_on: Literal["val", "test", "last"] = "last"
     """Which evaluation picks the best epoch; ``val`` needs data.val_classes > 0."""
-    select_metric: str = "recall@1"
+    select_metric: str = "recall_at_1"
     on_init: bool = False
     """Also evaluate the untrained model (epoch 0)."""
 
@@ -204,7 +206,7 @@ class RunConfig(_Section):
 SECTIONS = ("data", "model", "loss", "miner", "batch", "optim", "train", "eval")
 # Keys whose value is a free-form dict: flattening goes inside them, unknown inner keys
 # are checked later by the registry that consumes them.
-_FREE = {"params", "backbone_params", "head_params", "scheduler_params", "regularizers"}
+_FREE = {"params", "backbone_params", "head_params", "scheduler_params", "sampler_params", "regularizers"}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

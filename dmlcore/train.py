@@ -1,0 +1,515 @@
+"""The dmlcore trainer: one RunConfig in, trained embedding model and metrics out.
+
+It talks to the outside world only through a :class:`Reporter`
+(``report(step, metrics, checkpoint)``), so it runs alone, in tests, and under any
+orchestrator (the sweeper wraps it in a Ray Tune trial that logs to MLflow).
+
+Per epoch: seeded batches from the batch-composition sampler, miner + loss (+
+regularisers), one optimiser step per batch (no host sync per step: the running
+loss stays on the device until the end of the epoch). Every ``eval.every`` epochs
+and after the last: one evaluation pass per split (``test/``, ``val/``) and the
+embedding-space metrics on the train embeddings (``train/``). The epoch selected by
+``eval.select_on``/``eval.select_metric`` is reported as ``best/...``.
+
+Determinism: every random stream is a function of ``(train.seed, epoch)``, so the
+same seed gives the same metrics on the CPU and a run resumed from a checkpoint
+continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__, registry
+from .config import ConfigError, RunConfig
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite. ``str(err)`` is one line for the user."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (other config, unreadable)."""
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """Where the trainer sends its numbers and checkpoints."""
+
+    def report(self, step: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None: ...
+
+
+class NullReporter:
+    def report(self, step: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None:
+        pass
+
+
+class ListReporter:
+    """Keeps every report in memory (tests, notebooks)."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, dict[str, float]]] = []
+        self.checkpoints: list[tuple[int, dict]] = []
+
+    def report(self, step: int, metrics: Mapping[str, float], checkpoint: dict | None = None) -> None:
+        self.reports.append((step, dict(metrics)))
+        if checkpoint is not None:
+            self.checkpoints.append((step, checkpoint))
+
+
+@dataclass
+class TrainResult:
+    config: RunConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    """Metrics of the last evaluation."""
+    best: dict[str, float] = field(default_factory=dict)
+    """Metrics of the evaluation selected by ``eval.select_on``."""
+    best_epoch: int = 0
+    model: torch.nn.Module | None = None
+
+
+# ---------------------------------------------------------------------------------
+# seeding and devices
+# ---------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for every random stream of one epoch (stable across processes)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7919) % 2**31
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
+    return dev
+
+
+def _set_deterministic(on: bool, device: torch.device) -> None:
+    if on:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------
+# schedulers: a small registry of name -> builder(optimizer, epochs, **params)
+# ---------------------------------------------------------------------------------
+
+def _step(opt, epochs, step_size: int | None = None, gamma: float = 0.3):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=step_size or max(1, epochs // 3), gamma=gamma)
+
+
+def _multistep(opt, epochs, milestones: list[int] | None = None, gamma: float = 0.3):
+    ms = milestones or [max(1, int(epochs * f)) for f in (0.5, 0.75)]
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=ms, gamma=gamma)
+
+
+def _cosine(opt, epochs, eta_min: float = 0.0):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
+
+
+SCHEDULERS = {"step": _step, "multistep": _multistep, "cosine": _cosine}
+
+
+def build_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
+    name = cfg.optim.scheduler
+    if name == "none":
+        return None
+    try:
+        return SCHEDULERS[name](opt, cfg.train.epochs, **cfg.optim.scheduler_params)
+    except TypeError as err:
+        raise ConfigError(f"optim.scheduler_params: {name} scheduler: {err}") from None
+
+
+OPTIMIZERS = {
+    "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, weight_decay=c.weight_decay, momentum=c.momentum),
+}
+
+
+# ---------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains one run. ``Trainer(cfg).fit()`` is all a user needs."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        reporter: Reporter | None = None,
+        progress: bool = True,
+        console: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.reporter = reporter or NullReporter()
+        self.progress = progress
+        self.console = console
+        self.device = resolve_device(cfg.train.device)
+        self._built = False
+
+    # ---- construction -----------------------------------------------------------
+    def build(self) -> "Trainer":
+        if self._built:
+            return self
+        from .data.base import build_data
+        from .losses.criterion import build_criterion
+        from .models.embedding import build_model
+
+        cfg = self.cfg
+        _set_deterministic(cfg.train.deterministic, self.device)
+        seed_everything(cfg.train.seed)
+        self.data = build_data(cfg)
+        seed_everything(cfg.train.seed)  # model init independent of data building
+        self.model = build_model(cfg.model).to(self.device)
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = build_criterion(cfg, self.data.num_train_classes)
+        if isinstance(self.criterion, torch.nn.Module):
+            self.criterion.to(self.device)
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "name": "model"}]
+        loss_params = [p for p in self.criterion.parameters() if p.requires_grad]
+        if loss_params:
+            lr = cfg.loss.lr or cfg.optim.lr * cfg.optim.loss_lr_mult
+            groups.append({"params": loss_params, "lr": lr, "name": "loss"})
+        self.optimizer = OPTIMIZERS[cfg.optim.name](groups, cfg.optim)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        m = cfg.batch.samples_per_class
+        sampler_name = "random" if m == 0 else cfg.batch.sampler
+        self.sampler = registry.build(
+            "sampler",
+            sampler_name,
+            cfg.batch.sampler_params,
+            key="batch.sampler_params",
+            labels=self.data.train.labels,
+            batch_size=cfg.batch.size,
+            samples_per_class=m,
+            seed=cfg.train.seed,
+            iterations=cfg.batch.iterations_per_epoch,
+        )
+        self.train_loader = self._loader(self.data.train, batch_sampler=self.sampler)
+        self.step_model = self.model
+        if cfg.train.compile:
+            self.step_model = torch.compile(self.model)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self._built = True
+        return self
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if not (self.cfg.train.amp and self.device.type == "cuda"):
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _loader(self, ds: Dataset, **kw: Any) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        extra: dict[str, Any] = {}
+        if workers > 0:
+            extra.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
+        return DataLoader(ds, num_workers=workers, pin_memory=self.device.type == "cuda", **extra, **kw)
+
+    # ---- state ------------------------------------------------------------------
+    def state_dict(self, epoch: int, history: list[dict], best: dict, best_epoch: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "fingerprint": self.cfg.fingerprint(),
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "criterion": self.criterion.state_dict() if hasattr(self.criterion, "state_dict") else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "history": history,
+            "best": best,
+            "best_epoch": best_epoch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> tuple[int, list[dict], dict, int]:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        if state.get("fingerprint") != self.cfg.fingerprint():
+            raise CheckpointError(
+                "checkpoint was written by another config (fingerprint "
+                f"{state.get('fingerprint')} != {self.cfg.fingerprint()}); refusing to resume"
+            )
+        self.model.load_state_dict(state["model"])
+        if state.get("criterion") and hasattr(self.criterion, "load_state_dict"):
+            self.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return int(state["epoch"]), list(state["history"]), dict(state["best"]), int(state["best_epoch"])
+
+    # ---- one epoch ----------------------------------------------------------------
+    def train_epoch(self, epoch: int, bar: "_Bar") -> dict[str, float]:
+        seed = epoch_seed(self.cfg.train.seed, epoch)
+        seed_everything(seed)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        if hasattr(self.criterion, "set_epoch"):
+            self.criterion.set_epoch(epoch)
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        n = 0
+        logs_sum: dict[str, float] = {}
+        clip = self.cfg.optim.grad_clip
+        cl = self.device.type == "cuda" and self.cfg.train.channels_last
+        for step, (x, y) in enumerate(self.train_loader):
+            x = x.to(self.device, non_blocking=True)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                emb = self.step_model(x)
+            loss, logs = self.criterion(emb.float(), y)
+            extra = self.model.head_loss() if hasattr(self.model, "head_loss") else None
+            if extra is not None:
+                loss = loss + extra
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                if clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.optimizer.step()
+            total += loss.detach()
+            n += 1
+            for k, v in (logs or {}).items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+            bar.advance()
+            if step % 25 == 0 and not math.isfinite(float(loss.detach())):
+                # Checked sparsely inside the epoch (one sync per 25 steps) and always at its end.
+                raise TrainingDiverged(f"loss became {float(loss):.4g} at epoch {epoch} step {step}")
+        if self.scheduler is not None:
+            self.scheduler.step()
+        mean = float(total) / max(n, 1)
+        if not math.isfinite(mean):
+            raise TrainingDiverged(f"loss became {mean:.4g} during epoch {epoch}")
+        out = {"train/loss": mean, "train/lr": self.optimizer.param_groups[0]["lr"]}
+        out.update({f"train/{k}": v / max(n, 1) for k, v in logs_sum.items()})
+        return out
+
+    # ---- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, ds: Dataset, indices: Iterable[int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Embeddings (float32, CPU) and labels of a dataset (or a subset of it)."""
+        self.model.eval()
+        if indices is not None:
+            idx = np.asarray(list(indices))
+            ds_ = torch.utils.data.Subset(ds, idx.tolist())
+            labels = np.asarray(ds.labels)[idx]
+        else:
+            ds_, labels = ds, np.asarray(ds.labels)
+        loader = self._loader(ds_, batch_size=self.cfg.eval.batch_size, shuffle=False)
+        outs = []
+        cl = self.device.type == "cuda" and self.cfg.train.channels_last
+        for x, _ in loader:
+            x = x.to(self.device, non_blocking=True)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                outs.append(self.model(x).float())
+        emb = torch.cat(outs).cpu() if outs else torch.zeros(0, self.cfg.model.embed_dim)
+        return emb, labels
+
+    def evaluate(self) -> dict[str, float]:
+        from .metrics import embedding_space_metrics, evaluate_embeddings
+
+        ev = self.cfg.eval
+        out: dict[str, float] = {}
+        t0 = time.perf_counter()
+        splits = [("test", self.data.test)] + ([("val", self.data.val)] if self.data.val is not None else [])
+        for prefix, ds in splits:
+            emb, labels = self.embed(ds)
+            metrics = evaluate_embeddings(
+                emb, labels, recall_k=ev.recall_k, distance=ev.distance, clustering=ev.clustering,
+                seed=self.cfg.train.seed,
+            )
+            out.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})
+        if ev.embedding_metrics:
+            n = len(self.data.train_eval)
+            idx = None
+            if n > ev.max_train_embed:
+                rng = np.random.default_rng(self.cfg.train.seed)
+                idx = np.sort(rng.choice(n, ev.max_train_embed, replace=False))
+            emb, labels = self.embed(self.data.train_eval, idx)
+            metrics = embedding_space_metrics(emb, labels, rho_m=ev.rho_m)
+            out.update({f"train/{k}": float(v) for k, v in metrics.items()})
+        out["time/eval_s"] = time.perf_counter() - t0
+        return out
+
+    def _selection_key(self) -> str | None:
+        ev = self.cfg.eval
+        if ev.select_on == "last":
+            return None
+        return f"{ev.select_on}/{ev.select_metric}"
+
+    # ---- the loop -------------------------------------------------------------------
+    def fit(self, resume: Mapping[str, Any] | str | Path | None = None) -> TrainResult:
+        self.build()
+        cfg = self.cfg
+        history: list[dict[str, float]] = []
+        best: dict[str, float] = {}
+        best_epoch = 0
+        start = 0
+        if resume is not None:
+            start, history, best, best_epoch = self.load_state_dict(load_checkpoint(resume))
+        key = self._selection_key()
+        epochs = cfg.train.epochs
+        with _Bar(self.progress, epochs, len(self.sampler), start, self.console, cfg.name) as bar:
+            if cfg.eval.on_init and start == 0:
+                init = {f"init/{k}": v for k, v in self.evaluate().items()}
+                self.reporter.report(0, {"epoch": 0, **init})
+                bar.log_epoch(0, init)
+            for epoch in range(start + 1, epochs + 1):
+                bar.start_epoch(epoch)
+                t0 = time.perf_counter()
+                metrics: dict[str, float] = {"epoch": epoch, **self.train_epoch(epoch, bar)}
+                metrics["time/epoch_s"] = time.perf_counter() - t0
+                if epoch % cfg.eval.every == 0 or epoch == epochs:
+                    ev = self.evaluate()
+                    metrics.update(ev)
+                    if key is not None and key not in ev:
+                        raise ConfigError(
+                            f"eval.select_metric: '{key}' is not among the evaluation metrics "
+                            f"({', '.join(sorted(k for k in ev if k.startswith(cfg.eval.select_on)))})"
+                        )
+                    if key is None or not best or ev[key] > best.get(key, -math.inf):
+                        best, best_epoch = dict(ev), epoch
+                history.append(metrics)
+                last = epoch == epochs
+                if last:
+                    metrics = {**metrics, **{f"best/{k}": v for k, v in best.items()}, "best_epoch": best_epoch}
+                ckpt = None
+                every = cfg.train.checkpoint_every
+                if every and (epoch % every == 0 or last):
+                    ckpt = self.state_dict(epoch, history, best, best_epoch)
+                self.reporter.report(epoch, metrics, ckpt)
+                bar.log_epoch(epoch, metrics)
+        final = next((h for h in reversed(history) if any(k.startswith("test/") for k in h)), {})
+        final = {k: v for k, v in final.items() if "/" in k and not k.startswith(("time/",))}
+        return TrainResult(cfg, history, final, best, best_epoch, self.model)
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    seed = (info.seed if info else worker_id) % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def load_checkpoint(src: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
+    """A checkpoint dict, or one read from a file with ``weights_only=True``."""
+    if isinstance(src, Mapping):
+        return src
+    path = Path(src)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    return path
+
+
+def train(cfg: RunConfig, reporter: Reporter | None = None, progress: bool = True,
+          resume: Mapping[str, Any] | str | Path | None = None) -> TrainResult:
+    """Convenience: ``Trainer(cfg, reporter, progress).fit(resume)``."""
+    return Trainer(cfg, reporter, progress).fit(resume)
+
+
+# ---------------------------------------------------------------------------------
+# progress display (rich), silent when progress=False
+# ---------------------------------------------------------------------------------
+
+_SHOWN = ("train/loss", "test/recall_at_1", "test/map_at_r", "test/nmi", "val/recall_at_1", "train/rho_spectrum")
+
+
+class _Bar:
+    def __init__(self, enabled: bool, epochs: int, steps: int, start: int, console: Any, name: str) -> None:
+        self.enabled = enabled
+        self.epochs, self.steps, self.start, self.name = epochs, steps, start, name
+        self.console = console
+        self._progress = None
+
+    def __enter__(self) -> "_Bar":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.console = self.console or Console()
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self._progress.__enter__()
+            self._all = self._progress.add_task(f"{self.name}: epochs", total=self.epochs, completed=self.start)
+            self._ep = self._progress.add_task("epoch", total=self.steps)
+        return self
+
+    def start_epoch(self, epoch: int) -> None:
+        if self._progress:
+            self._progress.reset(self._ep, total=self.steps, description=f"epoch {epoch}/{self.epochs}")
+
+    def advance(self) -> None:
+        if self._progress:
+            self._progress.advance(self._ep)
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        if not self._progress:
+            return
+        if epoch:
+            self._progress.advance(self._all)
+        shown = "  ".join(f"{k}={metrics[k]:.4f}" for k in _SHOWN if k in metrics)
+        shown = shown or "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("init/test/recall"))
+        self._progress.console.print(f"[dim]epoch {epoch:>3}[/]  {shown}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress:
+            self._progress.__exit__(*exc)
