@@ -1,0 +1,140 @@
+"""The training criterion: miner, then loss, plus weighted regularisers.
+
+``build_criterion(cfg, num_classes)`` builds it from ``cfg.loss`` and ``cfg.miner``.
+``criterion(embeddings, labels, **batch_context) -> (loss, logs)``. The trainer adds
+``model.head_loss()`` itself and handles non-finite losses.
+
+Learning rate of the criterion's own parameters (proxies, class weights, learned
+margin betas): ``loss.lr`` if set, else ``optim.lr * optim.loss_lr_mult``
+(:attr:`Criterion.lr`, :func:`loss_lr`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+from torch import Tensor, nn
+
+from .. import registry
+from ..config import ConfigError, RunConfig
+
+
+def loss_lr(cfg: RunConfig) -> float:
+    """Learning rate of the loss's own parameters: ``loss.lr`` or ``optim.lr * optim.loss_lr_mult``."""
+    return float(cfg.loss.lr if cfg.loss.lr is not None else cfg.optim.lr * cfg.optim.loss_lr_mult)
+
+
+def _tuple_counts(indices: Any) -> dict[str, float]:
+    if indices is None:
+        return {}
+    if len(indices) == 3:
+        return {"miner_triplets": float(len(indices[0]))}
+    if len(indices) == 4:
+        return {"miner_pos_pairs": float(len(indices[0])), "miner_neg_pairs": float(len(indices[2]))}
+    return {}
+
+
+class Criterion(nn.Module):
+    """``(embeddings, labels) -> (loss, logs)``: miner, loss and weighted regularisers.
+
+    ``logs`` (floats): ``loss_main`` (the loss before regularisers), ``reg_<name>``
+    (each regulariser, unweighted), the miner's tuple counts (``miner_triplets`` or
+    ``miner_pos_pairs``/``miner_neg_pairs``) and miner statistics, and ``margin_beta``
+    (mean learned beta) for the margin loss.
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        miner: nn.Module | None = None,
+        regularizers: Mapping[str, tuple[float, Any]] | None = None,
+        lr: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.loss = loss
+        self.miner = miner
+        self.reg_weights: dict[str, float] = {}
+        self._regs: dict[str, Any] = {}
+        for name, (weight, reg) in (regularizers or {}).items():
+            self.reg_weights[name] = float(weight)
+            self._regs[name] = reg
+            if isinstance(reg, nn.Module):
+                self.add_module(f"reg_{name}", reg)
+        self.lr = lr
+
+    def forward(self, embeddings: Tensor, labels: Tensor, **batch_context: Any) -> tuple[Tensor, dict[str, float]]:
+        labels = labels.long()
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        main = self.loss(embeddings, labels, indices)
+        total = main
+        logs: dict[str, float] = {"loss_main": float(main.detach())}
+        logs.update(_tuple_counts(indices))
+        stats = getattr(self.miner, "stats", None)
+        if callable(stats):
+            logs.update({k: float(v) for k, v in stats().items()})
+        for name, reg in self._regs.items():
+            term = reg(embeddings, labels, **batch_context)
+            total = total + self.reg_weights[name] * term
+            logs[f"reg_{name}"] = float(term.detach())
+        beta = getattr(self.loss, "beta", None)
+        if isinstance(beta, nn.Parameter):
+            logs["margin_beta"] = float(beta.detach().mean())
+        return total, logs
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """Trainable parameters: the loss's (proxies, W, beta), the miner's and regularisers'.
+
+        Frozen parameters (``requires_grad=False``, e.g. a regulariser's teacher net) are left out.
+        """
+        for p in super().parameters(recurse):
+            if p.requires_grad:
+                yield p
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-seed seeded miners (and regularisers that want it) for ``epoch``."""
+        for part in (self.miner, *self._regs.values()):
+            fn = getattr(part, "set_epoch", None)
+            if callable(fn):
+                fn(epoch)
+
+
+def _build(kind: str, name: str, params: Mapping[str, Any] | None, name_key: str, params_key: str, **context: Any) -> Any:
+    registry.get(kind, name, key=name_key)
+    try:
+        return registry.build(kind, name, params, key=params_key, **context)
+    except (ValueError, AssertionError) as err:  # invalid values (a ConfigError is a ValueError)
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{params_key}: {kind} '{name}': {msg}") from None
+
+
+def build_criterion(cfg: RunConfig, num_classes: int) -> Criterion:
+    """The criterion ``cfg.loss`` / ``cfg.miner`` describe, for ``num_classes`` train classes."""
+    embed_dim = cfg.model.embed_dim
+    loss = _build(
+        "loss", cfg.loss.name, cfg.loss.params, "loss.name", "loss.params",
+        num_classes=int(num_classes), embed_dim=embed_dim,
+    )  # fmt: skip
+    miner = _build(
+        "miner", cfg.miner.name, cfg.miner.params, "miner.name", "miner.params",
+        embed_dim=embed_dim, train_seed=cfg.train.seed,
+    )  # fmt: skip
+    regs: dict[str, tuple[float, Any]] = {}
+    for name, spec in (cfg.loss.regularizers or {}).items():
+        key = f"loss.regularizers.{name}"
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            spec = {"weight": spec}
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{key}: expected a mapping of parameters (with an optional 'weight'), got {spec!r}")
+        params = dict(spec)
+        weight = params.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{key}.weight: expected a number, got {weight!r}")
+        reg = _build(
+            "regularizer", name, params, "loss.regularizers", key,
+            num_classes=int(num_classes), embed_dim=embed_dim,
+        )  # fmt: skip
+        regs[name] = (float(weight), reg)
+    return Criterion(loss, miner, regs, lr=loss_lr(cfg))
+
+
+__all__ = ["Criterion", "build_criterion", "loss_lr"]
