@@ -1,0 +1,199 @@
+"""Aggregation over seeds: one row per configuration, mean ± std (and n) per metric.
+
+Trials are grouped by every param that varies across the finished runs except the seed
+(and :data:`~sweeper.analysis.base.DEFAULT_IGNORE`), so the seeds of one configuration
+are its replicates. std is the sample standard deviation (ddof=1; undefined for n=1).
+Runs that did not finish are left out of the statistics and counted per group.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .base import (
+    SEED_KEY,
+    AnalysisResult,
+    Heading,
+    Paragraph,
+    Table,
+    canon,
+    check_params,
+    default_test_metrics,
+    fmt_num,
+    fmt_value,
+    metric_col,
+    param_col,
+    pretty_metric,
+    print_table,
+    resolve_metrics,
+    sort_key,
+    split_status,
+    strip_prefix,
+    study_factors,
+    write_markdown,
+)
+
+
+def group_keys(runs: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
+    """One hashable key per run: the canonical values of ``keys`` (a tuple)."""
+    if not keys:
+        return pd.Series([()] * len(runs), index=runs.index, dtype=object)
+    cols = [runs[param_col(k)].map(canon) if param_col(k) in runs.columns else pd.Series("None", index=runs.index) for k in keys]
+    return pd.Series(list(zip(*cols)), index=runs.index, dtype=object)
+
+
+def aggregate_frame(
+    runs: pd.DataFrame,
+    metrics: Sequence[str],
+    group_by: Sequence[str],
+    *,
+    seed_key: str = SEED_KEY,
+    lower_is_better: Sequence[str] = (),
+) -> pd.DataFrame:
+    """The aggregate table as data.
+
+    Columns: the ``group_by`` keys (original values), ``n`` (finished runs), ``n_failed``,
+    ``seeds``, then per metric ``<metric>:mean``, ``<metric>:std``, ``<metric>:n``, and
+    ``best_for`` (the metrics for which this group has the best mean, ``;``-joined).
+    """
+    ok, failed = split_status(runs.reset_index(drop=True))
+    ok_keys, failed_keys = group_keys(ok, group_by), group_keys(failed, group_by)
+    order: dict[tuple, Any] = {}
+    for frame, keys in ((ok, ok_keys), (failed, failed_keys)):
+        for idx, key in keys.items():
+            if key not in order:
+                order[key] = tuple(frame.at[idx, param_col(k)] if param_col(k) in frame.columns else None for k in group_by)
+    groups = sorted(order, key=lambda key: tuple(sort_key(v) for v in order[key]))
+    members: dict[tuple, list] = {}
+    for idx, key in ok_keys.items():
+        members.setdefault(key, []).append(idx)
+    n_failed: dict[tuple, int] = {}
+    for key in failed_keys:
+        n_failed[key] = n_failed.get(key, 0) + 1
+
+    rows = []
+    for key in groups:
+        row: dict[str, Any] = dict(zip(group_by, order[key]))
+        sel = ok.loc[members.get(key, [])]
+        row["n"] = len(sel)
+        row["n_failed"] = n_failed.get(key, 0)
+        sc = param_col(seed_key)
+        row["seeds"] = ",".join(fmt_value(s) for s in sorted(sel[sc].dropna().unique(), key=sort_key)) if sc in sel.columns else ""
+        for m in metrics:
+            col = metric_col(m)
+            vals = pd.to_numeric(sel[col], errors="coerce").to_numpy(float) if col in sel.columns else np.array([])
+            vals = vals[np.isfinite(vals)]
+            row[f"{m}:mean"] = float(vals.mean()) if len(vals) else math.nan
+            row[f"{m}:std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+            row[f"{m}:n"] = len(vals)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=[*group_by, "n", "n_failed", "seeds", *(f"{m}:{s}" for m in metrics for s in ("mean", "std", "n"))])
+
+    lower = {strip_prefix(m) for m in lower_is_better}
+    best_for: list[list[str]] = [[] for _ in range(len(df))]
+    for m in metrics:
+        means = df[f"{m}:mean"].to_numpy(float) if len(df) else np.array([])
+        if not np.isfinite(means).any():
+            continue
+        target = np.nanmin(means) if m in lower else np.nanmax(means)
+        for i in np.flatnonzero(means == target):
+            best_for[i].append(m)
+    df["best_for"] = [";".join(b) for b in best_for]
+    return df
+
+
+def _cell(mean: float, std: float, n: int, n_runs: int, precision: int) -> str:
+    if n == 0 or not math.isfinite(mean):
+        return "—"
+    s = fmt_num(mean, precision)
+    s += f" ± {fmt_num(std, precision)}" if math.isfinite(std) else ""
+    if n != n_runs or n == 1:
+        s += f" (n={n})"
+    return s
+
+
+def aggregate_table(df: pd.DataFrame, metrics: Sequence[str], group_by: Sequence[str], precision: int = 4) -> Table:
+    headers = [*group_by, "n", "failed", *(pretty_metric(m) for m in metrics)]
+    rows, bold = [], set()
+    for i, r in enumerate(df.itertuples(index=False)):
+        d = dict(zip(df.columns, r))
+        row = [fmt_value(d[k]) for k in group_by] + [str(d["n"]), str(d["n_failed"])]
+        best = set(filter(None, str(d["best_for"]).split(";")))
+        for j, m in enumerate(metrics):
+            row.append(_cell(d[f"{m}:mean"], d[f"{m}:std"], d[f"{m}:n"], d["n"], precision))
+            if m in best:
+                bold.add((i, len(group_by) + 2 + j))
+        rows.append(row)
+    return Table(headers, rows, bold=bold)
+
+
+def aggregate(
+    runs: pd.DataFrame,
+    out_dir: Path,
+    *,
+    study_name: str = "",
+    console: Any = None,
+    metrics: Sequence[str] | None = None,
+    group_by: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+    seed_key: str = SEED_KEY,
+    lower_is_better: Sequence[str] = (),
+    precision: int = 4,
+    filename: str = "aggregate",
+) -> AnalysisResult:
+    """Mean ± std over seeds per configuration; writes ``<filename>.csv`` and ``.md``.
+
+    Options: ``metrics`` (default: ``best/test/recall_at_k`` for every logged k,
+    ``best/test/map_at_r``, ``best/test/nmi``, ``best/test/f1``), ``group_by`` (default:
+    every varying param except ``seed_key`` and ``ignore``), ``ignore`` (params never
+    grouped on; default: name, device, data root/workers/cache, checkpoint_every),
+    ``lower_is_better`` (metrics whose best group has the lowest mean), ``precision``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_key = strip_prefix(seed_key)
+    ok, failed = split_status(runs)
+    names, notes = resolve_metrics(ok, metrics, default_test_metrics(ok))
+    if group_by is None:
+        keys = study_factors(runs, ignore, seed_key)
+    else:
+        keys = check_params(runs, group_by, "aggregate.group_by")
+    if not names and metrics is None:
+        notes.append("no best/test/* metric was logged by any finished run")
+    df = aggregate_frame(runs, names, keys, seed_key=seed_key, lower_is_better=lower_is_better)
+
+    table = aggregate_table(df, names, keys, precision)
+    sel = {
+        "val": "the validation split",
+        "test": "the test set",
+        "last": "the last epoch",
+    }
+    caption = (
+        f"Mean ± sample std (ddof=1) over seeds (`{seed_key}`) of {len(ok)} finished runs"
+        + (f"; {len(failed)} unfinished/failed runs excluded (column 'failed')" if len(failed) else "")
+        + ". Bold: best mean per metric."
+    )
+    if "params.eval.select_on" in ok.columns and ok["params.eval.select_on"].notna().any():
+        where = sorted({sel.get(str(v), str(v)) for v in ok["params.eval.select_on"].dropna()})
+        caption += f" Values at the epoch selected on {' / '.join(where)}."
+    table.caption = caption
+
+    blocks = [Heading("Aggregate over seeds"), *(Paragraph(f"Note: {n}.") for n in notes)]
+    if not keys:
+        blocks.append(Paragraph("No param varies between the finished runs apart from the seed: one group."))
+    blocks.append(table)
+
+    csv = out_dir / f"{filename}.csv"
+    df.to_csv(csv, index=False)
+    md = write_markdown(out_dir / f"{filename}.md", [Heading(f"{study_name or 'Study'}: aggregate over seeds", 1), *blocks[1:]])
+    print_table(console, f"{study_name}: aggregate over seeds".lstrip(": "), Table(table.headers, table.rows, "", table.bold))
+    if console is not None:
+        for n in notes:
+            console.print(f"[yellow]aggregate: {n}[/]")
+        console.print(caption)
+    return AnalysisResult("aggregate", [csv, md], blocks, df, notes)
