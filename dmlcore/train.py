@@ -241,6 +241,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "fingerprint": self.cfg.fingerprint(),
+            "config": self.cfg.to_dict(),
             "epoch": epoch,
             "model": self.model.state_dict(),
             "criterion": self.criterion.state_dict() if hasattr(self.criterion, "state_dict") else {},
@@ -291,7 +292,7 @@ class Trainer:
             y = y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 emb = self.step_model(x)
-            loss, logs = self.criterion(emb.float(), y)
+            loss, logs = self.criterion(emb.float(), y, images=x)
             extra = self.model.head_loss() if hasattr(self.model, "head_loss") else None
             if extra is not None:
                 loss = loss + extra
