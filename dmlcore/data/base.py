@@ -1,0 +1,648 @@
+"""Data contracts and the one entry point, :func:`build_data`.
+
+A dataset is a :class:`Source` (registry ``dataset``): one class id per sample, the
+class names, ``get_image(i)`` and the dataset's published class split. A run sees it
+through a :class:`DataBundle` of class-disjoint :class:`LabeledDataset` splits
+(``train`` augmented, ``train_eval`` / ``val`` / ``test`` with the eval transform),
+each yielding ``(float32 tensor 3xHxW, int label)`` with labels remapped to
+``0..C-1`` within the split.
+
+In-memory sources (glyphs, digits, CIFAR) are materialised once as one uint8 tensor
+``N x 3 x H x W`` that every split indexes into; file-based sources are decoded per
+item with PIL (shorter side resized to ``round(image_size * 256 / 224)``, the crop is
+left to the transform), optionally through a node-local cache of decoded images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmlcore.config import RunConfig
+
+log = logging.getLogger("dmlcore.data")
+
+# The context every dataset factory may ask for (see docs/architecture.md).
+DATASET_CONTEXT = ("root", "image_size", "seed", "on_corrupt")
+
+
+class DataError(ValueError):
+    """Unusable data, layout, split or batch composition. ``str(err)`` is one line for the user."""
+
+
+class CorruptImageError(DataError):
+    """An image file that cannot be decoded; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"unreadable image {path}: {reason}")
+        self.path = path
+
+
+def stable_seed(*parts: Any) -> int:
+    """A process-independent 63-bit seed from strings/ints (``hash()`` is salted per process)."""
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def _u64(seed: int) -> int:
+    return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _preview(items: Iterable[Any], n: int = 5) -> str:
+    items = list(items)
+    head = ", ".join(str(x) for x in items[:n])
+    return head + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------------------
+# Class splits
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClassSplit:
+    """An explicit, class-disjoint split of original class ids."""
+
+    train_classes: tuple[int, ...]
+    test_classes: tuple[int, ...]
+    name: str = "standard"
+
+    def __post_init__(self) -> None:
+        tr = self._ids(self.train_classes, "train_classes")
+        te = self._ids(self.test_classes, "test_classes")
+        for ids, what in ((tr, "train_classes"), (te, "test_classes")):
+            if not ids:
+                raise DataError(f"split '{self.name}': {what} is empty")
+            if len(set(ids)) != len(ids):
+                dup = sorted({c for c in ids if ids.count(c) > 1})
+                raise DataError(f"split '{self.name}': {what} repeats classes {_preview(dup)}")
+        both = sorted(set(tr) & set(te))
+        if both:
+            raise DataError(
+                f"split '{self.name}': {len(both)} classes are both train and test classes: {_preview(both)}"
+            )
+        object.__setattr__(self, "train_classes", tr)
+        object.__setattr__(self, "test_classes", te)
+
+    def _ids(self, ids: Iterable[Any], what: str) -> tuple[int, ...]:
+        out = []
+        for c in ids:
+            if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+                raise DataError(f"split '{self.name}': {what} must be integer class ids, got {c!r}")
+            out.append(int(c))
+        return tuple(out)
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------
+class Source:
+    """A dataset: every sample's class id and its image.
+
+    Subclasses set ``name``, ``labels`` (int64, one class id per sample),
+    ``class_names`` (``{class id: name}``), ``flip_ok`` and implement
+    :meth:`get_image` and :meth:`standard_split`.
+    """
+
+    name: str = "source"
+    labels: np.ndarray
+    class_names: dict[int, str]
+    flip_ok: bool = True
+    """False where a mirror image changes the meaning (glyphs, digits)."""
+    in_memory: bool = False
+    on_corrupt: str = "error"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """Every class id of the dataset, sorted."""
+        return tuple(sorted(self.class_names))
+
+    def get_image(self, i: int) -> np.ndarray:  # pragma: no cover - abstract
+        """Image ``i`` as a uint8 array ``H x W x 3``."""
+        raise NotImplementedError
+
+    def standard_split(self) -> ClassSplit:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        unknown = sorted(set(np.unique(self.labels).tolist()) - set(self.class_names))
+        if unknown:
+            raise DataError(f"{self.name}: samples carry class ids without a name: {_preview(unknown)}")
+
+
+class ArraySource(Source):
+    """An in-memory dataset held as one uint8 array ``N x 3 x H x W``."""
+
+    in_memory = True
+
+    def __init__(
+        self,
+        name: str,
+        images_chw: np.ndarray,
+        labels: np.ndarray,
+        class_names: Mapping[int, str],
+        split: ClassSplit,
+        flip_ok: bool = True,
+    ) -> None:
+        images_chw = np.asarray(images_chw)
+        if images_chw.dtype != np.uint8 or images_chw.ndim != 4 or images_chw.shape[1] != 3:
+            raise DataError(f"{name}: images must be uint8 N x 3 x H x W, got {images_chw.dtype} {images_chw.shape}")
+        if len(images_chw) != len(labels):
+            raise DataError(f"{name}: {len(images_chw)} images but {len(labels)} labels")
+        self.name = name
+        self.images_chw = images_chw
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = {int(k): str(v) for k, v in class_names.items()}
+        self._split = split
+        self.flip_ok = flip_ok
+        self._check()
+
+    def get_image(self, i: int) -> np.ndarray:
+        return np.ascontiguousarray(self.images_chw[i].transpose(1, 2, 0))
+
+    def tensor(self) -> torch.Tensor:
+        """All images as one uint8 tensor ``N x 3 x H x W`` (shares memory with the array)."""
+        import warnings
+
+        with warnings.catch_warnings():  # cached arrays are read-only on purpose; nothing writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self.images_chw)
+
+    def standard_split(self) -> ClassSplit:
+        return self._split
+
+
+class FileSource(Source):
+    """A dataset of image files decoded with PIL on demand."""
+
+    def __init__(
+        self,
+        name: str,
+        paths: Sequence[str],
+        labels: np.ndarray,
+        class_names: Mapping[int, str],
+        split: ClassSplit,
+        on_corrupt: str = "error",
+        flip_ok: bool = True,
+    ) -> None:
+        if on_corrupt not in ("error", "skip"):
+            raise DataError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        if len(paths) != len(labels):
+            raise DataError(f"{name}: {len(paths)} image paths but {len(labels)} labels")
+        self.name = name
+        self.paths = [str(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = {int(k): str(v) for k, v in class_names.items()}
+        self._split = split
+        self.on_corrupt = on_corrupt
+        self.flip_ok = flip_ok
+        self._check()
+
+    def standard_split(self) -> ClassSplit:
+        return self._split
+
+    def get_image(self, i: int) -> np.ndarray:
+        return decode_image(self.paths[i])
+
+    def load(self, i: int, short_side: int | None) -> np.ndarray:
+        """Image ``i`` with its shorter side resized to ``short_side`` (``H x W x 3`` uint8)."""
+        return decode_image(self.paths[i], short_side)
+
+
+def decode_image(path: str, short_side: int | None = None) -> np.ndarray:
+    """Decode ``path`` to RGB uint8 ``H x W x 3``; resize the shorter side to ``short_side``.
+
+    Any decoding problem (missing, truncated, not an image) raises :class:`CorruptImageError`.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if short_side is not None and img.format == "JPEG":
+                w, h = img.size
+                s = short_side / min(w, h)
+                img.draft("RGB", (max(1, round(w * s)), max(1, round(h * s))))
+            img = img.convert("RGB")
+            if short_side is not None:
+                w, h = img.size
+                s = short_side / min(w, h)
+                size = (max(short_side, round(w * s)), max(short_side, round(h * s)))
+                if size != (w, h):
+                    img = img.resize(size, Image.BILINEAR, reducing_gap=3.0)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CorruptImageError(str(path), reason) from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
+        raise CorruptImageError(str(path), f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+# --------------------------------------------------------------------------------------
+# Image stores: how a split gets the uint8 tensor of a source sample
+# --------------------------------------------------------------------------------------
+class TensorStore:
+    """Indexes one uint8 tensor ``N x 3 x H x W`` (in-memory sources)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+    def path(self, i: int) -> str:
+        return f"<in-memory #{i}>"
+
+
+class FileStore:
+    """Decodes file ``i`` of a :class:`FileSource` to a uint8 tensor ``3 x h x w``.
+
+    The shorter side is resized to ``short_side``. With ``cache_dir`` the decoded,
+    resized array is kept as ``.npy`` (keyed by path, mtime, size and ``short_side``)
+    so later runs on the node skip the JPEG decoding.
+    """
+
+    def __init__(self, source: FileSource, short_side: int, cache_dir: str | None = None) -> None:
+        self.source = source
+        self.short_side = int(short_side)
+        self.cache_dir = Path(cache_dir).expanduser() / "dmlcore-images" if cache_dir else None
+
+    def path(self, i: int) -> str:
+        return self.source.paths[i]
+
+    def _cache_file(self, path: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{self.short_side}"
+        h = hashlib.sha1(key.encode()).hexdigest()
+        return self.cache_dir / h[:2] / f"{h}.npy"
+
+    def get(self, i: int) -> torch.Tensor:
+        path = self.source.paths[i]
+        cached = self._cache_file(path)
+        if cached is not None and cached.is_file():
+            try:
+                arr = np.load(cached, allow_pickle=False)
+                if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+                    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            except (OSError, ValueError):
+                pass  # a broken cache entry is rewritten below
+        arr = self.source.load(i, self.short_side)
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+                with os.fdopen(fd, "wb") as fh:
+                    np.save(fh, arr, allow_pickle=False)
+                os.replace(tmp, cached)
+            except OSError as err:  # a full or read-only cache never fails a run
+                log.debug("image cache write failed for %s: %s", cached, err)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+_WARNED: set[str] = set()
+
+
+class LabeledDataset(Dataset):
+    """One class-disjoint split: ``(float32 tensor 3xHxW, int label)`` per item.
+
+    ``labels`` are remapped to ``0..C-1`` (``class_ids[label]`` is the original id),
+    ``indices`` are the source's sample indices.
+    """
+
+    def __init__(
+        self,
+        store: TensorStore | FileStore,
+        indices: np.ndarray,
+        source_labels: np.ndarray,
+        classes: Sequence[int],
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        name: str = "split",
+        on_corrupt: str = "error",
+    ) -> None:
+        self.store = store
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.class_ids = np.asarray(sorted(int(c) for c in classes), dtype=np.int64)
+        orig = np.asarray(source_labels, dtype=np.int64)[self.indices]
+        pos = np.searchsorted(self.class_ids, orig)
+        if len(orig) and (pos.max() >= len(self.class_ids) or np.any(self.class_ids[pos] != orig)):
+            raise DataError(f"{name} split: some samples belong to none of its classes")
+        self.labels = pos.astype(np.int64)
+        self.num_classes = len(self.class_ids)
+        self.transform = transform
+        self.name = name
+        self.on_corrupt = on_corrupt
+        self._bad: set[int] = set()
+        self._by_class: dict[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        j = int(j)
+        return self.transform(self.get_uint8(j)), int(self.labels[j])
+
+    def get_uint8(self, j: int) -> torch.Tensor:
+        """The untransformed uint8 image ``3 x h x w`` of item ``j`` (after the on_corrupt policy)."""
+        if j not in self._bad:
+            try:
+                return self.store.get(int(self.indices[j]))
+            except CorruptImageError as err:
+                if self.on_corrupt != "skip":
+                    raise
+                self._mark_bad(j, err)
+        return self._substitute(j)
+
+    def _mark_bad(self, j: int, err: CorruptImageError) -> None:
+        self._bad.add(j)
+        if err.path not in _WARNED:
+            _WARNED.add(err.path)
+            log.warning("%s; using another image of the same class instead (data.on_corrupt=skip)", err)
+
+    def _substitute(self, j: int) -> torch.Tensor:
+        if self._by_class is None:
+            order = np.argsort(self.labels, kind="stable")
+            bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
+            self._by_class = {c: order[bounds[c] : bounds[c + 1]] for c in range(self.num_classes)}
+        members = self._by_class[int(self.labels[j])]
+        start = int(np.searchsorted(members, j))
+        for k in range(1, len(members) + 1):
+            cand = int(members[(start + k) % len(members)])
+            if cand in self._bad:
+                continue
+            try:
+                return self.store.get(int(self.indices[cand]))
+            except CorruptImageError as err:
+                self._mark_bad(cand, err)
+        cid = int(self.class_ids[self.labels[j]])
+        raise DataError(
+            f"every image of class {cid} ({len(members)} files) is unreadable, e.g. {self.store.path(int(self.indices[j]))}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Split files (written by the ooDML tool)
+# --------------------------------------------------------------------------------------
+def parse_split_spec(spec: str) -> tuple[Path, int]:
+    """``"PATH.json#INDEX"`` -> ``(path, index)``."""
+    if "#" not in spec:
+        raise DataError(f"data.split: expected 'standard' or 'FILE.json#INDEX', got {spec!r}")
+    path, _, idx = spec.rpartition("#")
+    try:
+        index = int(idx)
+    except ValueError:
+        raise DataError(f"data.split: split index must be an integer in {spec!r}, got {idx!r}") from None
+    if not path:
+        raise DataError(f"data.split: missing file name in {spec!r}")
+    if index < 0:
+        raise DataError(f"data.split: split index must be >= 0 in {spec!r}")
+    return Path(path).expanduser(), index
+
+
+def read_split_file(path: str | Path) -> dict[str, Any]:
+    """The validated content of an ooDML split file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.split: split file {p} does not exist")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"data.split: {p} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"data.split: cannot read {p}: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("dataset"), str) or not isinstance(doc.get("splits"), list):
+        raise DataError(f"data.split: {p} must be a JSON object with 'dataset' (a name) and 'splits' (a list)")
+    for k, s in enumerate(doc["splits"]):
+        if not isinstance(s, dict) or not isinstance(s.get("train_classes"), list) or not isinstance(
+            s.get("test_classes"), list
+        ):
+            raise DataError(f"data.split: {p} split {k} must be an object with 'train_classes' and 'test_classes' lists")
+    return doc
+
+
+def load_split(spec: str, source: Source) -> tuple[ClassSplit, dict[str, Any]]:
+    """The split ``PATH.json#INDEX`` checked against ``source``; returns it with its extra fields."""
+    path, index = parse_split_spec(spec)
+    doc = read_split_file(path)
+    if doc["dataset"] != source.name:
+        raise DataError(
+            f"data.split: {path} was written for dataset '{doc['dataset']}', but data.dataset is '{source.name}'"
+        )
+    splits = doc["splits"]
+    if index >= len(splits):
+        span = f"0-{len(splits) - 1}" if splits else "none"
+        raise DataError(f"data.split: index {index} is out of range; {path} has {len(splits)} splits ({span})")
+    entry = splits[index]
+    by_name: dict[str, int] = {}
+    for cid, cname in source.class_names.items():
+        by_name.setdefault(cname, cid)
+    known = set(source.class_names)
+
+    def resolve(ids: list[Any]) -> tuple[list[int], list[Any]]:
+        out, unknown = [], []
+        for c in ids:
+            if isinstance(c, str) and c in by_name:  # class names are accepted too
+                out.append(by_name[c])
+            elif isinstance(c, int) and not isinstance(c, bool) and c in known:
+                out.append(c)
+            else:
+                unknown.append(c)
+        return out, unknown
+
+    train, bad_tr = resolve(entry["train_classes"])
+    test, bad_te = resolve(entry["test_classes"])
+    if bad_tr or bad_te:
+        bad = bad_tr + bad_te
+        raise DataError(
+            f"data.split: {path} split {index} names {len(bad)} classes unknown to dataset '{source.name}': {_preview(bad)}"
+        )
+    name = str(entry.get("name") or f"{path.stem}#{index}")
+    try:
+        split = ClassSplit(tuple(train), tuple(test), name)
+    except DataError as err:
+        raise DataError(f"data.split: {path} split {index}: {err}") from None
+    extra = {k: v for k, v in entry.items() if k not in ("train_classes", "test_classes")}
+    return split, extra
+
+
+def save_split_file(path: str | Path, dataset: str, splits: Sequence[ClassSplit], extras: Sequence[Mapping[str, Any]] | None = None) -> Path:
+    """Write ``splits`` (with optional per-split extra fields, e.g. ``fid``) as a split file."""
+    extras = list(extras) if extras is not None else [{} for _ in splits]
+    if len(extras) != len(splits):
+        raise DataError(f"{len(splits)} splits but {len(extras)} extra-field dicts")
+    doc = {
+        "dataset": dataset,
+        "splits": [
+            {"name": s.name, "train_classes": list(s.train_classes), "test_classes": list(s.test_classes), **dict(e)}
+            for s, e in zip(splits, extras)
+        ],
+    }
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(doc, indent=1))
+    return p
+
+
+def resolve_split(spec: str, source: Source) -> tuple[ClassSplit, dict[str, Any]]:
+    """``standard`` -> the source's published split; otherwise a split file entry."""
+    if spec == "standard":
+        split = source.standard_split()
+        return split, {}
+    return load_split(spec, source)
+
+
+def carve_val(
+    train_classes: Sequence[int], fraction: float, dataset: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Hold out ``fraction`` of ``train_classes`` as validation classes.
+
+    The choice uses an RNG seeded from the dataset name only (never the training
+    seed), so every seed of a study validates on the same classes.
+    Returns ``(remaining train classes, val classes)``, both sorted.
+    """
+    classes = sorted(int(c) for c in train_classes)
+    if fraction <= 0:
+        return tuple(classes), ()
+    n_val = int(round(fraction * len(classes)))
+    if n_val < 2 or len(classes) - n_val < 2:
+        raise DataError(
+            f"data.val_classes={fraction} of {len(classes)} train classes gives {n_val} validation and "
+            f"{len(classes) - n_val} train classes; both need at least 2"
+        )
+    rng = np.random.default_rng(stable_seed("val-classes", dataset))
+    val = sorted(int(c) for c in rng.permutation(np.asarray(classes, dtype=np.int64))[:n_val])
+    keep = sorted(set(classes) - set(val))
+    return tuple(keep), tuple(val)
+
+
+# --------------------------------------------------------------------------------------
+# build_data
+# --------------------------------------------------------------------------------------
+@dataclass
+class DataBundle:
+    train: LabeledDataset
+    train_eval: LabeledDataset
+    val: LabeledDataset | None
+    test: LabeledDataset
+    num_train_classes: int
+    info: dict[str, Any] = field(default_factory=dict)
+    split: ClassSplit | None = None
+    source: Source | None = None
+
+
+def load_short_side(image_size: int) -> int:
+    """Shorter side that file images are resized to before the crop (the 256/224 protocol)."""
+    return int(round(image_size * 256 / 224))
+
+
+def build_source(cfg: "RunConfig") -> Source:
+    from dmlcore import registry
+
+    d = cfg.data
+    source = registry.build(
+        "dataset",
+        d.dataset,
+        d.params,
+        key="data.params",
+        root=d.root,
+        image_size=d.image_size,
+        seed=cfg.train.seed,
+        on_corrupt=d.on_corrupt,
+    )
+    if not isinstance(source, Source):
+        raise DataError(f"data.dataset: '{d.dataset}' did not return a Source (got {type(source).__name__})")
+    source.name = d.dataset if source.name in ("", "source") else source.name
+    source.on_corrupt = d.on_corrupt
+    return source
+
+
+def build_data(cfg: "RunConfig") -> DataBundle:
+    """Source + class split (+ validation classes) + transforms -> :class:`DataBundle`."""
+    from dmlcore import registry
+    from dmlcore.data.transforms import eval_transform
+
+    d = cfg.data
+    source = build_source(cfg)
+    split, extra = resolve_split(d.split, source)
+    train_classes, val_classes = carve_val(split.train_classes, d.val_classes, source.name)
+
+    if source.in_memory:
+        store: TensorStore | FileStore = TensorStore(source.tensor())  # type: ignore[attr-defined]
+    elif isinstance(source, FileSource):
+        store = FileStore(source, load_short_side(d.image_size), d.cache_dir)
+    else:
+        raise DataError(f"{source.name}: a Source must be an ArraySource or a FileSource")
+
+    train_tf = registry.build(
+        "augmentation", d.augmentation, None, key="data.augmentation", image_size=d.image_size, flip_ok=source.flip_ok
+    )
+    eval_tf = eval_transform(d.image_size)
+
+    present = set(np.unique(source.labels).tolist())
+
+    def make(classes: Sequence[int], transform: Callable, name: str) -> LabeledDataset:
+        empty = [c for c in classes if c not in present]
+        if len(empty) == len(classes):
+            raise DataError(f"{source.name}: the {name} split has no samples (classes {_preview(classes)})")
+        idx = np.flatnonzero(np.isin(source.labels, np.asarray(classes, dtype=np.int64)))
+        return LabeledDataset(store, idx, source.labels, [c for c in classes if c in present], transform, name, d.on_corrupt)
+
+    train = make(train_classes, train_tf, "train")
+    train_eval = make(train_classes, eval_tf, "train_eval")
+    val = make(val_classes, eval_tf, "val") if val_classes else None
+    test = make(split.test_classes, eval_tf, "test")
+    info: dict[str, Any] = {
+        "dataset": source.name,
+        "split": split.name,
+        "image_size": d.image_size,
+        "augmentation": d.augmentation,
+        "flip_ok": bool(source.flip_ok),
+        "in_memory": bool(source.in_memory),
+        "num_classes": {"train": train.num_classes, "val": val.num_classes if val else 0, "test": test.num_classes},
+        "num_samples": {"train": len(train), "val": len(val) if val else 0, "test": len(test)},
+        "val_classes": list(val_classes),
+    }
+    info.update({k: v for k, v in extra.items() if k != "name"})
+    return DataBundle(train, train_eval, val, test, train.num_classes, info, split, source)
+
+
+def make_loader(
+    dataset: LabeledDataset,
+    cfg: "RunConfig",
+    batch_sampler: Any = None,
+    batch_size: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader honouring ``data.num_workers``: with ``batch_sampler`` for training,
+    otherwise sequential batches of ``batch_size`` (default ``eval.batch_size``)."""
+    from torch.utils.data import DataLoader
+
+    workers = cfg.data.num_workers
+    kw: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+    }
+    if workers > 0:
+        g = torch.Generator()
+        g.manual_seed(_u64(stable_seed("loader", cfg.train.seed)) & 0x7FFF_FFFF_FFFF_FFFF)
+        kw["generator"] = g
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+    return DataLoader(dataset, batch_size=batch_size or cfg.eval.batch_size, shuffle=False, **kw)
