@@ -130,6 +130,17 @@ class TrainConfig(_Section):
     """Report a checkpoint every N epochs (0 = never)."""
 
 
+class FewShotConfig(_Section):
+    """Few-shot DML (Milbich et al. 2021): adapt on k labelled samples per test class."""
+
+    shots: list[int] = Field(default_factory=lambda: [1, 2, 5])
+    episodes: int = Field(10, ge=1)
+    steps: int = Field(100, ge=1)
+    whole_net: bool = False
+    """Fine-tune the whole network instead of the embedding head only."""
+    lr_mult: float = Field(10.0, gt=0)
+
+
 class EvalConfig(_Section):
     every: int = Field(1, ge=1)
     """Evaluate every N epochs (and always after the last)."""
@@ -149,6 +160,8 @@ class EvalConfig(_Section):
     select_metric: str = "recall_at_1"
     on_init: bool = False
     """Also evaluate the untrained model (epoch 0)."""
+    few_shot: FewShotConfig | None = None
+    """After training, few-shot episodes on the test classes (``fewshot/k{k}/...`` metrics)."""
 
     @field_validator("recall_k")
     @classmethod

@@ -416,6 +416,10 @@ class Trainer:
                 history.append(metrics)
                 last = epoch == epochs
                 if last:
+                    if cfg.eval.few_shot is not None:
+                        from .oodml.fewshot import run_after_training
+
+                        metrics.update(run_after_training(self))
                     metrics = {**metrics, **{f"best/{k}": v for k, v in best.items()}, "best_epoch": best_epoch}
                 ckpt = None
                 every = cfg.train.checkpoint_every
