@@ -237,7 +237,8 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------
     def state_dict(self, epoch: int, history: list[dict], best: dict, best_epoch: int) -> dict:
-        return {
+        """A snapshot (tensors copied to the CPU), safe to keep while training goes on."""
+        return _snapshot({
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "fingerprint": self.cfg.fingerprint(),
@@ -251,7 +252,7 @@ class Trainer:
             "history": history,
             "best": best,
             "best_epoch": best_epoch,
-        }
+        })
 
     def load_state_dict(self, state: Mapping[str, Any]) -> tuple[int, list[dict], dict, int]:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -316,7 +317,7 @@ class Trainer:
             bar.advance()
             if step % 25 == 0 and not math.isfinite(float(loss.detach())):
                 # Checked sparsely inside the epoch (one sync per 25 steps) and always at its end.
-                raise TrainingDiverged(f"loss became {float(loss):.4g} at epoch {epoch} step {step}")
+                raise TrainingDiverged(f"loss became {float(loss.detach()):.4g} at epoch {epoch} step {step}")
         if self.scheduler is not None:
             self.scheduler.step()
         mean = float(total) / max(n, 1)
@@ -430,6 +431,16 @@ class Trainer:
         final = next((h for h in reversed(history) if any(k.startswith("test/") for k in h)), {})
         final = {k: v for k, v in final.items() if "/" in k and not k.startswith(("time/",))}
         return TrainResult(cfg, history, final, best, best_epoch, self.model)
+
+
+def _snapshot(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
 
 
 def _worker_init(worker_id: int) -> None:
