@@ -44,10 +44,14 @@ class DataConfig(_Section):
     """Side of the square images the network sees."""
     augmentation: str = "standard"
     """Registry name of the train-time augmentation (``none``, ``standard``, ``strong``)."""
+    augmentation_params: ParamDict = Field(default_factory=dict)
+    """Augmentation parameters (e.g. ``scale_min`` of the random resized crop)."""
     val_classes: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of train classes held out as a class-disjoint validation split (checkpoint selection)."""
-    num_workers: int = Field(0, ge=0)
-    """DataLoader workers (0 = load in the training process)."""
+    num_workers: int = Field(-1, ge=-1)
+    """DataLoader workers for file datasets: 0 = load in the training process, -1 = auto
+    (the run's CPU share minus one: ``DMLCORE_NUM_CPUS`` set by the sweeper, else the
+    CPUs this process may use). In-memory datasets need none."""
     cache_dir: str | None = None
     """Node-local cache of decoded images; ``None`` disables the cache."""
     on_corrupt: Literal["error", "skip"] = "error"
@@ -217,9 +221,6 @@ class RunConfig(_Section):
 
 
 SECTIONS = ("data", "model", "loss", "miner", "batch", "optim", "train", "eval")
-# Keys whose value is a free-form dict: flattening goes inside them, unknown inner keys
-# are checked later by the registry that consumes them.
-_FREE = {"params", "backbone_params", "head_params", "scheduler_params", "sampler_params", "regularizers"}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,8 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__, registry
 from .config import ConfigError, RunConfig
+from .resources import resolve_workers
 
 CHECKPOINT_FORMAT = 1
+RESIDENT_GPU_BYTES = 4 << 30
+"""In-memory datasets up to this size live on the GPU for the whole run."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -214,7 +217,14 @@ class Trainer:
             seed=cfg.train.seed,
             iterations=cfg.batch.iterations_per_epoch,
         )
-        self.train_loader = self._loader(self.data.train, batch_sampler=self.sampler)
+        # Augmentation and the eval transform run on whole uint8 batches on the device.
+        self.train_tf = self.data.train.transform.to(self.device)
+        self.eval_tf = self.data.test.transform.to(self.device)
+        self.train_images = self._resident(self.data.train)
+        self.train_labels = torch.as_tensor(self.data.train.labels)
+        self.train_loader = None
+        if self.train_images is None:
+            self.train_loader = self._loader(self.data.train.uint8(), batch_sampler=self.sampler)
         self.step_model = self.model
         if cfg.train.compile:
             self.step_model = torch.compile(self.model)
@@ -228,8 +238,24 @@ class Trainer:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
+    def _resident(self, ds: Any) -> torch.Tensor | None:
+        """In-memory splits stay one uint8 tensor, on the GPU when it fits (no DataLoader)."""
+        imgs = ds.in_memory_images() if hasattr(ds, "in_memory_images") else None
+        if imgs is not None and self.device.type == "cuda" and imgs.nbytes < RESIDENT_GPU_BYTES:
+            imgs = imgs.to(self.device)
+        return imgs
+
+    def _batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        if self.train_images is None:
+            yield from self.train_loader
+            return
+        dev = self.train_images.device
+        for idx in self.sampler:
+            i = torch.as_tensor(idx)
+            yield self.train_images[i.to(dev)], self.train_labels[i]
+
     def _loader(self, ds: Dataset, **kw: Any) -> DataLoader:
-        workers = self.cfg.data.num_workers
+        workers = resolve_workers(self.cfg.data.num_workers)
         extra: dict[str, Any] = {}
         if workers > 0:
             extra.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
@@ -286,8 +312,9 @@ class Trainer:
         logs_sum: dict[str, float] = {}
         clip = self.cfg.optim.grad_clip
         cl = self.device.type == "cuda" and self.cfg.train.channels_last
-        for step, (x, y) in enumerate(self.train_loader):
-            x = x.to(self.device, non_blocking=True)
+        gen = torch.Generator().manual_seed(seed)
+        for step, (x, y) in enumerate(self._batches(epoch)):
+            x = self.train_tf(x.to(self.device, non_blocking=True), gen)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(self.device, non_blocking=True)
@@ -332,17 +359,21 @@ class Trainer:
     def embed(self, ds: Dataset, indices: Iterable[int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Embeddings (float32, CPU) and labels of a dataset (or a subset of it)."""
         self.model.eval()
-        if indices is not None:
-            idx = np.asarray(list(indices))
-            ds_ = torch.utils.data.Subset(ds, idx.tolist())
-            labels = np.asarray(ds.labels)[idx]
+        idx = None if indices is None else np.asarray(list(indices), dtype=np.int64)
+        labels = np.asarray(ds.labels) if idx is None else np.asarray(ds.labels)[idx]
+        bs = self.cfg.eval.batch_size
+        imgs = ds.in_memory_images() if hasattr(ds, "in_memory_images") else None
+        if imgs is not None:
+            if idx is not None:
+                imgs = imgs[torch.as_tensor(idx)]
+            batches: Iterable = (imgs[a : a + bs] for a in range(0, len(imgs), bs))
         else:
-            ds_, labels = ds, np.asarray(ds.labels)
-        loader = self._loader(ds_, batch_size=self.cfg.eval.batch_size, shuffle=False)
+            view = ds.uint8() if idx is None else torch.utils.data.Subset(ds.uint8(), idx.tolist())
+            batches = (x for x, _ in self._loader(view, batch_size=bs, shuffle=False))
         outs = []
         cl = self.device.type == "cuda" and self.cfg.train.channels_last
-        for x, _ in loader:
-            x = x.to(self.device, non_blocking=True)
+        for x in batches:
+            x = self.eval_tf(x.to(self.device, non_blocking=True))
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):

@@ -211,12 +211,6 @@ def test_augmentations_and_eval_transform():
     assert eval_transform(8)(torch.zeros(3, 8, 8, dtype=torch.uint8)).shape == (3, 8, 8)
     assert eval_transform(16)(torch.zeros(3, 8, 8, dtype=torch.uint8)).shape == (3, 16, 16)
 
-    def flips(t):
-        return any(type(op).__name__ == "RandomHorizontalFlip" for op in t.transforms)
-
-    assert flips(registry.build("augmentation", "standard", None, image_size=32, flip_ok=True))
-    assert not flips(registry.build("augmentation", "standard", None, image_size=32, flip_ok=False))
-    assert not flips(registry.build("augmentation", "strong", None, image_size=32, flip_ok=False))
 
 
 # ---------------------------------------------------------------------------- samplers

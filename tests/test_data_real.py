@@ -68,7 +68,7 @@ def test_cub200_layout_split_and_bundle(tmp_path):
     b = bundle("cub200", tmp_path)
     assert len(b.train) == 6 and len(b.test) == 6 and b.num_train_classes == 2
     assert b.test.class_ids.tolist() == [101, 102] and sorted(set(b.test.labels.tolist())) == [0, 1]
-    assert b.train.store.get(int(b.train.indices[0])).shape == (3, 18, 26)  # shorter side round(16*256/224)
+    assert b.train.store.get(int(b.train.indices[0])).shape == (3, 18, 18)  # shorter side round(16*256/224), central square
     x, y = b.train[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y in (0, 1)
     assert b.test[5][0].shape == (3, 16, 16)

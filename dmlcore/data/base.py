@@ -267,10 +267,19 @@ class TensorStore:
         return f"<in-memory #{i}>"
 
 
-class FileStore:
-    """Decodes file ``i`` of a :class:`FileSource` to a uint8 tensor ``3 x h x w``.
+def _center_square(arr: np.ndarray) -> np.ndarray:
+    h, w = arr.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return arr[top : top + s, left : left + s]
 
-    The shorter side is resized to ``short_side``. With ``cache_dir`` the decoded,
+
+class FileStore:
+    """Decodes file ``i`` of a :class:`FileSource` to a uint8 tensor ``3 x s x s``.
+
+    The shorter side is resized to ``short_side`` and the central square kept, so that
+    every image of a split has one size and batches of uint8 images can be augmented
+    on the device. With ``cache_dir`` the decoded,
     resized array is kept as ``.npy`` (keyed by path, mtime, size and ``short_side``)
     so later runs on the node skip the JPEG decoding.
     """
@@ -290,7 +299,7 @@ class FileStore:
             st = os.stat(path)
         except OSError:
             return None
-        key = f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{self.short_side}"
+        key = f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{self.short_side}|square"
         h = hashlib.sha1(key.encode()).hexdigest()
         return self.cache_dir / h[:2] / f"{h}.npy"
 
@@ -304,7 +313,7 @@ class FileStore:
                     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
             except (OSError, ValueError):
                 pass  # a broken cache entry is rewritten below
-        arr = self.source.load(i, self.short_side)
+        arr = _center_square(self.source.load(i, self.short_side))
         if cached is not None:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -359,6 +368,16 @@ class LabeledDataset(Dataset):
         j = int(j)
         return self.transform(self.get_uint8(j)), int(self.labels[j])
 
+    def uint8(self) -> "Uint8View":
+        """This split as ``(uint8 image, label)`` items, for batch transforms on the device."""
+        return Uint8View(self)
+
+    def in_memory_images(self) -> torch.Tensor | None:
+        """All images of the split as one uint8 tensor (in-memory sources), else None."""
+        if isinstance(self.store, TensorStore):
+            return self.store.images[torch.as_tensor(self.indices)]
+        return None
+
     def get_uint8(self, j: int) -> torch.Tensor:
         """The untransformed uint8 image ``3 x h x w`` of item ``j`` (after the on_corrupt policy)."""
         if j not in self._bad:
@@ -395,6 +414,20 @@ class LabeledDataset(Dataset):
         raise DataError(
             f"every image of class {cid} ({len(members)} files) is unreadable, e.g. {self.store.path(int(self.indices[j]))}"
         )
+
+
+class Uint8View(Dataset):
+    """``(uint8 image 3 x s x s, label)`` items of a :class:`LabeledDataset` (no transform)."""
+
+    def __init__(self, ds: "LabeledDataset") -> None:
+        self.ds = ds
+        self.labels = ds.labels
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        return self.ds.get_uint8(int(j)), int(self.ds.labels[int(j)])
 
 
 # --------------------------------------------------------------------------------------
@@ -591,7 +624,8 @@ def build_data(cfg: "RunConfig") -> DataBundle:
         raise DataError(f"{source.name}: a Source must be an ArraySource or a FileSource")
 
     train_tf = registry.build(
-        "augmentation", d.augmentation, None, key="data.augmentation", image_size=d.image_size, flip_ok=source.flip_ok
+        "augmentation", d.augmentation, d.augmentation_params, key="data.augmentation_params",
+        image_size=d.image_size, flip_ok=source.flip_ok,
     )
     eval_tf = eval_transform(d.image_size)
 
@@ -633,7 +667,9 @@ def make_loader(
     otherwise sequential batches of ``batch_size`` (default ``eval.batch_size``)."""
     from torch.utils.data import DataLoader
 
-    workers = cfg.data.num_workers
+    from dmlcore.resources import resolve_workers
+
+    workers = resolve_workers(cfg.data.num_workers)
     kw: dict[str, Any] = {
         "num_workers": workers,
         "pin_memory": torch.cuda.is_available(),
