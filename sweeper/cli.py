@@ -1,0 +1,459 @@
+"""``sweeper``: run, inspect and track Deep Metric Learning studies.
+
+    sweeper train [CONFIG] [--set k=v ...] [--no-mlflow]     one run, rich progress, MLflow
+    sweeper show STUDY [--quick] [--set k=v ...]             the expanded trial table
+    sweeper run STUDY [--address A] [--resume] [--dry-run] [--quick] [--set k=v ...]
+    sweeper analyze STUDY                                    the analyses again, on the stored runs
+    sweeper list [KIND]                                      registries and their parameters
+    sweeper keys [PREFIX]                                    every config key with its default
+    sweeper ui [--port P] [--host H]                         MLflow UI on the same store
+
+A user error (bad key, unknown registry name, missing data, ...) is one red line on
+stderr and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+EXIT_USAGE = 2
+
+
+class UserError(ValueError):
+    """A problem to report in one line."""
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail_line(err: BaseException | str) -> str:
+    text = str(err) if not isinstance(err, str) else err
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(lines) if lines else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sweeper",
+        description="Deep Metric Learning studies: Ray Tune sweeps of the dmlcore trainer, tracked in MLflow.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add_set(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a dotted config key (repeatable), e.g. --set train.epochs=2",
+        )
+
+    t = sub.add_parser("train", help="train one run (rich progress; logged to MLflow)")
+    t.add_argument("config", nargs="?", help="run config YAML (default: the built-in defaults)")
+    add_set(t)
+    t.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    t.add_argument("--experiment", help="MLflow experiment (default: the config's name)")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint file written by --checkpoint")
+    t.add_argument("--checkpoint", metavar="PATH", help="keep the latest checkpoint in this file")
+
+    s = sub.add_parser("show", help="validate a study and print its trials")
+    s.add_argument("study")
+    s.add_argument("--quick", action="store_true", help="apply the study's quick overrides")
+    add_set(s)
+
+    r = sub.add_parser("run", help="run a study with Ray Tune")
+    r.add_argument("study")
+    r.add_argument("--address", help="join a Ray cluster: 'auto' or ray://HOST:PORT (default: start Ray locally)")
+    r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    r.add_argument(
+        "--resume", nargs="?", const="latest", metavar="EXECUTION",
+        help="continue the latest (or the named) execution of this study",
+    )
+    r.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    r.add_argument("--quick", action="store_true", help="apply the study's quick overrides")
+    add_set(r)
+    r.add_argument("--storage", help="Tune storage folder (default: ./runs/<study>)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    r.add_argument("--no-live", action="store_true", help="print one line per trial event instead of a live table")
+    r.add_argument("--verbose", action="store_true", help="show the trials' own output")
+
+    a = sub.add_parser("analyze", help="run the analyses again on a study execution's MLflow runs")
+    a.add_argument("ref", help="study YAML (its analyses), study name (latest execution) or parent run id")
+    a.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    a.add_argument("--out", help="output folder (default: ./runs/<study>/analysis)")
+
+    ls = sub.add_parser("list", help="list the registries (datasets, losses, ...) with their parameters")
+    ls.add_argument("kind", nargs="?", help="one registry, e.g. loss or losses")
+
+    k = sub.add_parser("keys", help="list every config key with its default")
+    k.add_argument("prefix", nargs="?", help="only keys starting with this, e.g. loss")
+
+    u = sub.add_parser("ui", help="start the MLflow UI on the study store")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    u.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    u.add_argument("--print-command", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_show(args: argparse.Namespace) -> int:
+    from dmlcore.config import parse_overrides
+
+    from .study import load_study
+
+    study = load_study(args.study, parse_overrides(args.overrides), quick=args.quick)
+    print_study(study, _console())
+    return 0
+
+
+def print_study(study: Any, console: Console) -> None:
+    from .study import trial_table_rows
+
+    spec = study.spec
+    cols, rows = trial_table_rows(study)
+    kind = f"Optuna search ({spec.search.sampler}), {spec.search.samples} samples" if study.is_search else "grid"
+    title = f"{spec.name}: {kind}" + (" [quick]" if study.quick else "")
+    table = Table(title=escape(title), title_justify="left")
+    for c in cols:
+        table.add_column(c, overflow="fold", justify="right" if c == "#" else "left")
+    for row in rows:
+        table.add_row(*[escape(x) for x in row])
+    console.print(table)
+    res = spec.resources
+    extra = [f"metric {spec.metric} ({spec.mode})", f"resources cpu={res.cpu:g} gpu={res.gpu:g}"]
+    if spec.max_concurrent:
+        extra.append(f"max_concurrent {spec.max_concurrent}")
+    if spec.scheduler:
+        sc = spec.scheduler
+        extra.append(f"ASHA on {sc.metric or spec.metric} (grace {sc.grace_period}, factor {sc.reduction_factor:g})")
+    if spec.analyses:
+        extra.append("analyses " + ", ".join(n for n, _ in spec.analysis_specs()))
+    console.print(escape(" · ".join(extra)))
+    console.print(f"[bold]{study.size} trials[/bold]" + (" (Optuna proposes them while running)" if study.is_search else ""))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dmlcore.config import parse_overrides
+
+    from . import tracking
+    from .study import load_study
+    from .tune import storage_root
+
+    console = _console()
+    study = load_study(args.study, parse_overrides(args.overrides), quick=args.quick)
+    if args.dry_run:
+        print_study(study, console)
+        uri = args.tracking_uri or tracking.default_tracking_uri()
+        console.print(f"storage   {storage_root(study.name, args.storage)}", soft_wrap=True)
+        console.print(f"tracking  {uri}", soft_wrap=True)
+        console.print(f"ray       {args.address or 'local'}" + (f" (num_cpus={args.num_cpus})" if args.num_cpus else ""))
+        console.print("[dim]dry run: nothing started[/dim]")
+        return 0
+    from .tune import run_study
+
+    _quiet_logs()
+    outcome = run_study(
+        study,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        resume=args.resume,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        console=console,
+        live=False if args.no_live else None,
+        verbose=args.verbose,
+    )
+    print_outcome(outcome, console)
+    return 1 if outcome.interrupted else 0
+
+
+def print_outcome(outcome: Any, console: Console) -> None:
+    from .live import failures_table, leaderboard_table
+
+    console.print(leaderboard_table(outcome))
+    ft = failures_table(outcome)
+    if ft is not None:
+        console.print(ft)
+    c = outcome.counts()
+    parts = [f"{n} {k}" for k, n in sorted(c.items())]
+    console.print(f"[bold]{outcome.study}[/bold] {outcome.execution}: " + ", ".join(parts), soft_wrap=True)
+    if outcome.best is not None:
+        console.print(f"best {outcome.metric} = {outcome.best.value:.4f} ({outcome.best.name})", soft_wrap=True)
+    console.print(f"storage  {outcome.exec_dir}", soft_wrap=True)
+    console.print(f"mlflow   {outcome.tracking_uri}  parent run {outcome.parent_run_id}", soft_wrap=True)
+    for p in outcome.analysis_paths:
+        console.print(f"analysis {p}", soft_wrap=True)
+    if outcome.interrupted:
+        console.print("[yellow]interrupted:[/] continue with  sweeper run STUDY --resume", soft_wrap=True)
+
+
+class _TrainReporter:
+    """``sweeper train``'s reporter: MLflow (optional) + the latest checkpoint on disk (optional)."""
+
+    def __init__(self, logger: Any, checkpoint: str | None):
+        self.logger = logger
+        self.checkpoint = checkpoint
+
+    def report(self, step: int, metrics: Any, checkpoint: dict | None = None) -> None:
+        if self.logger is not None:
+            self.logger.report(step, metrics)
+        if checkpoint is not None and self.checkpoint:
+            from dmlcore.train import save_checkpoint
+
+            save_checkpoint(checkpoint, self.checkpoint)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dmlcore.config import load_config, parse_overrides
+
+    from .study import check_registries
+
+    console = _console()
+    cfg = load_config(args.config, parse_overrides(args.overrides))
+    check_registries(cfg)
+    from dmlcore.train import Trainer
+
+    logger = None
+    if not args.no_mlflow:
+        _quiet_logs()
+        from . import tracking
+
+        tracker = tracking.Tracker(args.tracking_uri)
+        exp = tracker.experiment_id(args.experiment or cfg.name)
+        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, tracking.single_run_tags())
+        console.print(f"[dim]MLflow run {logger.run_id} at {tracker.uri}[/dim]", soft_wrap=True)
+    reporter = _TrainReporter(logger, args.checkpoint)
+    try:
+        result = Trainer(cfg, reporter=reporter, progress=True).fit(resume=args.resume)
+    except KeyboardInterrupt:
+        if logger is not None:
+            logger.finish("KILLED")
+        raise
+    except BaseException as err:
+        if logger is not None:
+            try:
+                logger.fail(err)
+            except Exception:
+                pass
+        raise
+    if logger is not None:
+        logger.finish("FINISHED")
+    console.print(result_table(result))
+    return 0
+
+
+def result_table(result: Any) -> Table:
+    best, final = dict(result.best or {}), dict(result.final or {})
+    keys = sorted(set(best) | set(final), key=lambda k: (not k.startswith("test/"), not k.startswith("val/"), k))
+    keys = [k for k in keys if not k.startswith("time/")]
+    table = Table(title=f"{result.config.name}: results", title_justify="left")
+    table.add_column("metric")
+    table.add_column(f"best (epoch {result.best_epoch})", justify="right", style="bold")
+    table.add_column("final", justify="right")
+    for k in keys:
+        table.add_row(k, _num(best.get(k)), _num(final.get(k)))
+    return table
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return ""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return f"{x:.4f}" if x == 0 or 1e-3 <= abs(x) < 1e5 else f"{x:.3g}"
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from . import tracking
+    from .tune import analysis_module, call_run_analyses
+
+    mod = analysis_module()
+    if mod is None or not hasattr(mod, "load_runs"):
+        raise UserError("sweeper.analysis is not available in this installation")
+    uri = args.tracking_uri or tracking.default_tracking_uri()
+    analyses = None
+    ref = args.ref
+    study = None
+    if ref.endswith((".yaml", ".yml")) or Path(ref).is_file():
+        from .study import load_study
+
+        study = load_study(ref)
+        ref, analyses = study.name, (study.spec.analyses or None)
+    runs = mod.load_runs(uri, ref)
+    name = runs.attrs.get("study") or ref
+    out = Path(args.out) if args.out else Path("runs") / str(name) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    console = _console()
+    files = call_run_analyses(mod.run_analyses, study, str(name), analyses, runs, out, console)
+    for f in files:
+        console.print(f"wrote {f}", soft_wrap=True)
+    return 0
+
+
+_PLURALS = {
+    "datasets": "dataset", "augmentations": "augmentation", "samplers": "sampler", "backbones": "backbone",
+    "heads": "head", "losses": "loss", "miners": "miner", "regularizers": "regularizer",
+}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from dmlcore import registry
+
+    console = _console()
+    kinds = list(registry.KINDS)
+    if args.kind:
+        k = _PLURALS.get(args.kind, args.kind)
+        if k not in kinds:
+            close = difflib.get_close_matches(args.kind, kinds + list(_PLURALS), n=1, cutoff=0.5)
+            hint = f" (did you mean '{_PLURALS.get(close[0], close[0])}'?)" if close else ""
+            raise UserError(f"unknown registry '{args.kind}'{hint}; registries: {', '.join(kinds)}")
+        kinds = [k]
+    for kind in kinds:
+        table = Table(title=f"{kind} ({len(registry.names(kind))})", title_justify="left")
+        table.add_column("name", style="bold", no_wrap=True)
+        table.add_column("parameters (default)", overflow="fold")
+        table.add_column("description", overflow="fold")
+        for name, params, doc in registry.describe(kind):
+            ps = ", ".join(
+                f"{p}=[italic]required[/italic]" if d is inspect.Parameter.empty else f"{p}={escape(repr(d))}"
+                for p, d in params.items()
+            )
+            table.add_row(name, ps or "[dim]—[/dim]", escape(doc))
+        console.print(table)
+    return 0
+
+
+def field_docs() -> dict[str, str]:
+    """Attribute docstrings of the RunConfig sections, by dotted key (parsed from the source)."""
+    from dmlcore import config as cmod
+    from dmlcore.config import RunConfig
+
+    try:
+        tree = ast.parse(inspect.getsource(cmod))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    by_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs: dict[str, str] = {}
+            body = node.body
+            for a, b in zip(body, body[1:]):
+                if (
+                    isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+                    and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)
+                ):
+                    docs[a.target.id] = " ".join(b.value.value.split())
+            by_class[node.name] = docs
+    out: dict[str, str] = {}
+    for section, f in RunConfig.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type):
+            for name, doc in by_class.get(ann.__name__, {}).items():
+                out[f"{section}.{name}"] = doc
+    for name, doc in by_class.get("RunConfig", {}).items():
+        out[name] = doc
+    return out
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from dmlcore.config import RunConfig, all_keys
+
+    console = _console()
+    defaults = RunConfig().to_dict()
+    docs = field_docs()
+    table = Table(title="config keys (use with --set, in study axes, as MLflow params)", title_justify="left")
+    table.add_column("key", style="bold", no_wrap=True)
+    table.add_column("default", overflow="fold")
+    table.add_column("description", overflow="fold")
+    n = 0
+    for key in all_keys():
+        if args.prefix and not key.startswith(args.prefix):
+            continue
+        cur: Any = defaults
+        for p in key.split("."):
+            cur = cur.get(p) if isinstance(cur, dict) else None
+        table.add_row(key, escape(repr(cur) if not isinstance(cur, str) else cur), escape(docs.get(key, "")))
+        n += 1
+    if args.prefix and not n:
+        raise UserError(f"no config key starts with '{args.prefix}'")
+    console.print(table)
+    return 0
+
+
+def ui_command(args: argparse.Namespace) -> list[str]:
+    from .tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    cmd = ui_command(args)
+    if args.print_command:
+        print(" ".join(cmd))
+        return 0
+    _console().print(f"MLflow UI at http://{args.host}:{args.port}  (store {cmd[5]}); Ctrl-C stops it", soft_wrap=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _quiet_logs() -> None:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow at import (also in Ray workers)
+    for name in ("mlflow", "alembic", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+COMMANDS = {
+    "train": cmd_train, "show": cmd_show, "run": cmd_run, "analyze": cmd_analyze,
+    "list": cmd_list, "keys": cmd_keys, "ui": cmd_ui,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from dmlcore.registry import RegistryError
+    except ImportError:  # pragma: no cover
+        RegistryError = KeyError  # type: ignore[assignment,misc]
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, RegistryError, ConnectionError) as err:
+        _err_console().print(f"[bold red]error:[/] {escape(fail_line(err))}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err_console().print("[yellow]interrupted[/]")
+        return 130
+    except RuntimeError as err:
+        # TrainingDiverged and friends carry a one-line message too
+        if type(err).__name__ == "TrainingDiverged":
+            _err_console().print(f"[bold red]error:[/] {escape(fail_line(err))}")
+            return 1
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

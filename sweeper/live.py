@@ -1,0 +1,441 @@
+"""Live view of a running study (rich) and the final leaderboard.
+
+Ray Tune pickles its ``RunConfig`` (callbacks included) into the experiment folder so
+that a study can be restored. The callback given to Tune is therefore a stateless
+proxy, :class:`LiveCallback`, that forwards every event to the :class:`LiveView`
+registered in the current driver process (:func:`attach`). A restored study gets a
+fresh view without unpickling any console or thread.
+
+On a terminal the view is a ``rich.live.Live`` table refreshed a few times a second;
+elsewhere (CI logs, pytest) it prints one line per trial state change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+try:  # the proxy must subclass Tune's Callback; keep the module importable without Ray
+    from ray.tune import Callback as _TuneCallback
+except Exception:  # pragma: no cover
+    _TuneCallback = object  # type: ignore[assignment,misc]
+
+STATUS_STYLE = {
+    "pending": "dim",
+    "running": "cyan",
+    "done": "green",
+    "stopped": "yellow",
+    "interrupted": "yellow",
+    "failed": "bold red",
+    "retrying": "magenta",
+    "paused": "yellow",
+}
+
+
+def trial_point(config: dict) -> tuple[int | None, dict[str, Any]]:
+    """(grid index or None, the dotted overrides) of a Tune trial config."""
+    point = config.get("point") if isinstance(config, dict) else None
+    if isinstance(point, dict):
+        return point.get("index"), dict(point.get("overrides") or {})
+    return None, {k: v for k, v in (config or {}).items() if k != "point"}
+
+
+def short(v: Any, n: int = 28) -> str:
+    if isinstance(v, float):
+        s = f"{v:.4g}"
+    elif isinstance(v, (dict, list)):
+        s = json.dumps(v, separators=(",", ":"), default=str)
+    else:
+        s = str(v)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def fmt_metric(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.4f}"
+
+
+def error_from_file(path: str | None) -> str | None:
+    """The one-line error of a Tune trial from its error file (last 'Type: message' line)."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    return error_line_of_traceback(text)
+
+
+def error_line_of_traceback(text: str) -> str:
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "error"
+    # Ray prefixes/wraps; the original exception is the last line shaped "Name: message"
+    for ln in reversed(lines):
+        s = ln.strip()
+        head = s.split(":", 1)[0]
+        if ":" in s and head and " " not in head and not s.startswith(("File ", "ray::")):
+            return s.split("\x1b")[0]
+    return lines[-1].strip()
+
+
+@dataclass
+class Row:
+    trial_id: str
+    index: int | None
+    overrides: dict[str, Any]
+    status: str = "pending"
+    epoch: int | None = None
+    value: float | None = None
+    best: float | None = None
+    error: str | None = None
+    last_result: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"#{self.index:03d}" if self.index is not None else self.trial_id
+
+
+class LiveView:
+    """The driver-side state of a study run: one :class:`Row` per Tune trial."""
+
+    def __init__(
+        self,
+        metric: str,
+        mode: str,
+        keys: list[str],
+        total: int,
+        console: Console | None = None,
+        live: bool | None = None,
+        title: str = "",
+        max_rows: int = 25,
+    ):
+        self.metric, self.mode, self.keys, self.total = metric, mode, list(keys), total
+        self.console = console or Console()
+        self.live_enabled = self.console.is_terminal if live is None else live
+        self.title = title
+        self.max_rows = max_rows
+        self.rows: dict[str, Row] = {}
+        self.lock = threading.Lock()
+        self._live: Live | None = None
+        self._last_draw = 0.0
+        self.start_time = time.time()
+        self.ended = False
+
+    # --- lifecycle
+    def __enter__(self) -> "LiveView":
+        attach(self)
+        if self.live_enabled:
+            self._live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        detach(self)
+        if self._live is not None:
+            self._live.update(self.render())
+            self._live.__exit__(*exc)
+            self._live = None
+
+    # --- metric helpers
+    def better(self, a: float | None, b: float | None) -> bool:
+        if a is None or not math.isfinite(a):
+            return False
+        if b is None or not math.isfinite(b):
+            return True
+        return a > b if self.mode == "max" else a < b
+
+    def row_for(self, trial: Any) -> Row:
+        tid = str(trial.trial_id)
+        row = self.rows.get(tid)
+        if row is None:
+            index, over = trial_point(getattr(trial, "config", {}) or {})
+            row = Row(tid, index, over)
+            self.rows[tid] = row
+        return row
+
+    # --- events (from LiveCallback)
+    def sync(self, trials: Iterable[Any]) -> None:
+        with self.lock:
+            for t in trials:
+                row = self.row_for(t)
+                st = str(getattr(t, "status", "PENDING"))
+                if row.path is None:
+                    row.path = getattr(t, "path", None) or getattr(t, "local_path", None)
+                if st == "PENDING" and row.status in ("failed", "retrying"):
+                    continue
+                if st in ("RUNNING",) and row.status != "running":
+                    row.status = "running"
+                elif st == "PENDING" and row.status not in ("pending",):
+                    row.status = "pending"
+                elif st == "PAUSED":
+                    row.status = "paused"
+                elif st == "TERMINATED" and row.status not in ("done", "stopped"):
+                    self._complete(row, t)
+                elif st == "ERROR" and row.status != "failed":
+                    self._fail(row, t)
+                if not row.last_result:
+                    lr = getattr(t, "last_result", None) or {}
+                    if lr:
+                        self._result(row, lr)
+        self.draw()
+
+    def on_start(self, trial: Any) -> None:
+        with self.lock:
+            row = self.row_for(trial)
+            row.status = "running"
+            row.error = None
+        self.log(row, "started")
+        self.draw()
+
+    def on_result(self, trial: Any, result: dict) -> None:
+        with self.lock:
+            row = self.row_for(trial)
+            row.status = "running"
+            self._result(row, result)
+        self.draw()
+
+    def on_complete(self, trial: Any) -> None:
+        with self.lock:
+            row = self.row_for(trial)
+            self._complete(row, trial)
+        self.log(row, row.status)
+        self.draw(force=True)
+
+    def on_error(self, trial: Any) -> None:
+        with self.lock:
+            row = self.row_for(trial)
+            self._fail(row, trial)
+        self.log(row, "failed")
+        self.draw(force=True)
+
+    def on_recover(self, trial: Any) -> None:
+        with self.lock:
+            row = self.row_for(trial)
+            row.status = "retrying"
+            row.error = error_from_file(getattr(trial, "error_file", None))
+        self.log(row, "retrying")
+        self.draw(force=True)
+
+    def on_end(self, trials: Iterable[Any]) -> None:
+        self.sync(trials)
+        self.ended = True
+
+    # --- internals
+    def _result(self, row: Row, result: dict) -> None:
+        row.last_result = dict(result)
+        ep = result.get("epoch")
+        if isinstance(ep, (int, float)):
+            row.epoch = int(ep)
+        v = result.get(self.metric)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            row.value = float(v)
+            if self.better(row.value, row.best):
+                row.best = row.value
+        b = result.get(f"best/{self.metric}")
+        if isinstance(b, (int, float)) and math.isfinite(b):
+            row.best = float(b)
+
+    def _complete(self, row: Row, trial: Any) -> None:
+        lr = getattr(trial, "last_result", None) or {}
+        if lr:
+            self._result(row, lr)
+        # the trainer's last report carries best_epoch; a trial stopped early (ASHA) lacks it
+        row.status = "done" if (not lr or "best_epoch" in lr) else "stopped"
+
+    def _fail(self, row: Row, trial: Any) -> None:
+        row.status = "failed"
+        row.error = error_from_file(getattr(trial, "error_file", None)) or row.error or "error"
+
+    def counts(self) -> dict[str, int]:
+        out = {k: 0 for k in ("pending", "running", "done", "stopped", "failed")}
+        for r in self.rows.values():
+            key = "running" if r.status in ("retrying", "paused") else r.status
+            out[key] = out.get(key, 0) + 1
+        out["pending"] += max(0, self.total - len(self.rows))
+        return out
+
+    def best_row(self) -> Row | None:
+        best = None
+        for r in self.rows.values():
+            if r.best is not None and (best is None or self.better(r.best, best.best)):
+                best = r
+        return best
+
+    # --- output
+    def log(self, row: Row, what: str) -> None:
+        if self.live_enabled:
+            return
+        c = self.counts()
+        done = c["done"] + c["stopped"] + c["failed"]
+        style = STATUS_STYLE.get(row.status, "")
+        extra = ""
+        if what in ("done", "stopped") and row.best is not None:
+            extra = f"  {self.metric}={fmt_metric(row.best)}"
+        if what in ("failed", "retrying") and row.error:
+            extra = f"  {row.error}"
+        label = ", ".join(f"{k}={short(v)}" for k, v in row.overrides.items())
+        self.console.print(
+            f"[{done}/{self.total}] [{style}]{what:8s}[/] {row.name} {escape(label)}{escape(extra)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    def draw(self, force: bool = False) -> None:
+        if self._live is None:
+            return
+        now = time.time()
+        if not force and now - self._last_draw < 0.2:
+            return
+        self._last_draw = now
+        self._live.update(self.render())
+
+    def render(self) -> Any:
+        with self.lock:
+            rows = list(self.rows.values())
+        order = {"running": 0, "retrying": 0, "paused": 1, "failed": 2, "done": 3, "stopped": 3, "pending": 4}
+        rows.sort(key=lambda r: (order.get(r.status, 5), r.index if r.index is not None else 0, r.trial_id))
+        shown = rows[: self.max_rows]
+        table = Table(title=self.title or None, expand=False, show_lines=False)
+        table.add_column("trial", no_wrap=True)
+        for k in self.keys:
+            table.add_column(k, overflow="fold")
+        table.add_column("status", no_wrap=True)
+        table.add_column("epoch", justify="right")
+        table.add_column(self.metric, justify="right")
+        table.add_column("best", justify="right")
+        if any(r.error for r in shown):
+            table.add_column("error", style="red", overflow="ellipsis", no_wrap=True, max_width=60)
+        for r in shown:
+            st = Text(r.status, style=STATUS_STYLE.get(r.status, ""))
+            cells = [r.name] + [short(r.overrides.get(k, "")) for k in self.keys]
+            cells += [st, "" if r.epoch is None else str(r.epoch), fmt_metric(r.value), fmt_metric(r.best)]
+            if any(x.error for x in shown):
+                cells.append(r.error or "")
+            table.add_row(*cells)
+        c = self.counts()
+        best = self.best_row()
+        elapsed = time.time() - self.start_time
+        summary = Text.assemble(
+            (f"{self.total} trials  ", "bold"),
+            (f"pending {c['pending']}  ", STATUS_STYLE["pending"]),
+            (f"running {c['running']}  ", STATUS_STYLE["running"]),
+            (f"done {c['done']}  ", STATUS_STYLE["done"]),
+            (f"stopped {c['stopped']}  ", STATUS_STYLE["stopped"]) if c["stopped"] else ("", ""),
+            (f"failed {c['failed']}  ", STATUS_STYLE["failed"]),
+            (f"best {self.metric} {fmt_metric(best.best)} ({best.name})  " if best else "", "bold green"),
+            (f"{elapsed:.0f}s", "dim"),
+        )
+        more = len(rows) - len(shown)
+        parts: list[Any] = [table, summary]
+        if more > 0:
+            parts.insert(1, Text(f"… {more} more trials", style="dim"))
+        return Group(*parts)
+
+
+# ----------------------------------------------------------------------------- proxy
+_CURRENT: list[LiveView] = []
+
+
+def attach(view: LiveView) -> None:
+    _CURRENT.append(view)
+
+
+def detach(view: LiveView) -> None:
+    if view in _CURRENT:
+        _CURRENT.remove(view)
+
+
+def current() -> LiveView | None:
+    return _CURRENT[-1] if _CURRENT else None
+
+
+class LiveCallback(_TuneCallback):  # type: ignore[misc,valid-type]
+    """Stateless Tune callback forwarding events to the attached :class:`LiveView`."""
+
+    def _view(self) -> LiveView | None:
+        return current()
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        v = self._view()
+        if v is not None and total_num_samples and total_num_samples > 0:
+            v.total = max(v.total, int(total_num_samples))
+
+    def on_step_end(self, iteration, trials, **info):
+        v = self._view()
+        if v is not None and (v._live is not None or iteration % 20 == 0):
+            v.sync(trials)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if (v := self._view()) is not None:
+            v.on_start(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if (v := self._view()) is not None:
+            v.on_result(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (v := self._view()) is not None:
+            v.on_complete(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if (v := self._view()) is not None:
+            v.on_error(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if (v := self._view()) is not None:
+            v.on_recover(trial)
+
+    def on_experiment_end(self, trials, **info):
+        if (v := self._view()) is not None:
+            v.on_end(trials)
+
+
+# ----------------------------------------------------------------------------- leaderboard
+def leaderboard_table(outcome: Any, limit: int = 50) -> Table:
+    """Finished trials sorted by the study metric (best first)."""
+    metric = outcome.metric
+    rows = outcome.ranked()
+    keys = outcome.keys
+    table = Table(title=f"Leaderboard: {outcome.study} ({outcome.execution})", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("trial", no_wrap=True)
+    for k in keys:
+        table.add_column(k, overflow="fold")
+    table.add_column(metric, justify="right", style="bold", no_wrap=True)
+    table.add_column("best epoch", justify="right")
+    table.add_column("status")
+    for i, t in enumerate(rows[:limit], 1):
+        table.add_row(
+            str(i), t.name, *[short(t.overrides.get(k, "")) for k in keys],
+            fmt_metric(t.value), "" if t.best_epoch is None else str(t.best_epoch),
+            Text(t.status, style=STATUS_STYLE.get(t.status, "")),
+        )
+    return table
+
+
+def failures_table(outcome: Any) -> Table | None:
+    failed = [t for t in outcome.trials if t.status == "failed"]
+    if not failed:
+        return None
+    table = Table(title=f"Failed trials ({len(failed)})", title_justify="left", title_style="bold red")
+    table.add_column("trial", no_wrap=True)
+    table.add_column("config", overflow="fold")
+    table.add_column("error", overflow="fold", style="red")
+    for t in failed:
+        label = ", ".join(f"{k}={short(v)}" for k, v in t.overrides.items())
+        table.add_row(t.name, label, t.error or "error")
+    return table

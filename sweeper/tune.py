@@ -1,0 +1,837 @@
+"""Run a study with Ray Tune; every trial is one dmlcore training run logged to MLflow.
+
+* One execution of a study = one Tune experiment in ``<storage>/<execution>/``
+  (default storage ``./runs/<study>/``, absolute) = one MLflow parent run.
+* A grid study is one ``tune.grid_search`` over the expanded trials (so the trial
+  numbers match ``sweeper show``); a search study is Ray Tune's ``OptunaSearch``
+  with Optuna distributions (TPE by default); ``scheduler: asha`` adds
+  ``AsyncHyperBandScheduler``.
+* The trial function (:func:`run_trial`, in the Ray worker) builds the RunConfig,
+  opens its own MLflow child run (tag ``mlflow.parentRunId``), and runs
+  :class:`dmlcore.train.Trainer` with a reporter that logs each epoch to MLflow
+  (one ``log_batch``) and to Tune (``tune.report``, checkpoints through a temporary
+  directory and ``Checkpoint.from_directory``). A restarted trial resumes from
+  ``tune.get_checkpoint()``.
+* ``resume``: ``Tuner.restore(resume_unfinished=True, resume_errored=True)``; finished
+  trials are not re-run, and the MLflow child run is found again by its ``trial_key``
+  tag instead of being duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from dmlcore.config import ConfigError, RunConfig
+
+from . import tracking
+from .study import ResolvedStudy, apply_overrides, CategoricalParam, FloatParam, IntParam
+
+STATE_FILE = "sweeper.json"
+_log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- context
+@dataclass
+class TrialContext:
+    """What every trial needs besides its own config (sent to the workers once)."""
+
+    study: str
+    execution: str
+    base: dict[str, Any]
+    metric: str
+    mode: str
+    required: dict[str, str] = field(default_factory=dict)
+    """Metrics Tune's searcher/scheduler require in every report -> mode (carried forward)."""
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    decode: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Search keys whose categorical values went through Optuna as JSON text: key -> {text: value}."""
+
+
+def trial_key(execution: str, index: int | None, trial_id: str) -> str:
+    """The stable identity of a trial across restarts (MLflow tag ``trial_key``)."""
+    return f"{execution}/{index:04d}" if index is not None else f"{execution}/{trial_id}"
+
+
+def trial_name(study: str, index: int | None, trial_id: str) -> str:
+    return f"{study}-{index:03d}" if index is not None else f"{study}-{trial_id}"
+
+
+def split_config(config: Mapping[str, Any]) -> tuple[int | None, dict[str, Any]]:
+    """(grid index, dotted overrides) of a Tune trial config (grid point or Optuna sample)."""
+    point = config.get("point")
+    if isinstance(point, Mapping):
+        return point.get("index"), dict(point.get("overrides") or {})
+    return None, {k: v for k, v in config.items() if k != "point"}
+
+
+class TuneReporter:
+    """The trainer's Reporter inside a Tune trial: MLflow (per epoch) + ``tune.report``."""
+
+    def __init__(self, logger: tracking.RunLogger | None, required: Mapping[str, str]):
+        self.logger = logger
+        self.required = dict(required)
+        self.last: dict[str, float] = {}
+
+    def tune_metrics(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        out = tracking.numeric_metrics(metrics)
+        for m, mode in self.required.items():
+            if m in out:
+                self.last[m] = out[m]
+            else:  # not evaluated this epoch: Tune needs the key in every result
+                out[m] = self.last.get(m, -math.inf if mode == "max" else math.inf)
+        return out
+
+    def report(self, step: int, metrics: Mapping[str, Any], checkpoint: dict | None = None) -> None:
+        from ray import tune
+
+        if self.logger is not None:
+            self.logger.report(step, metrics)
+        out = self.tune_metrics(metrics)
+        if checkpoint is None:
+            tune.report(out)
+            return
+        from dmlcore.train import save_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as d:
+            save_checkpoint(checkpoint, Path(d) / "checkpoint.pt")
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune trainable: one trial = one Trainer.fit (runs in a Ray worker)."""
+    from ray import tune
+
+    index, overrides = split_config(config)
+    overrides = decode_values(overrides, ctx.decode)
+    trial_id = tune.get_context().get_trial_id() or "local"
+    name = trial_name(ctx.study, index, trial_id)
+    key = trial_key(ctx.execution, index, trial_id)
+
+    cfg: RunConfig | None = None
+    cfg_error: BaseException | None = None
+    try:
+        cfg = apply_overrides(RunConfig.model_validate(ctx.base), {**overrides, "name": name}, f"trial {name}")
+    except Exception as err:  # a sampled value the config refuses: record it, then fail
+        cfg_error = err
+
+    logger = None
+    if ctx.tracking_uri and ctx.experiment_id:
+        tracker = tracking.Tracker(ctx.tracking_uri)
+        tags = {
+            tracking.TAG_PARENT: ctx.parent_run_id,
+            tracking.TAG_STUDY: ctx.study,
+            tracking.TAG_EXECUTION: ctx.execution,
+            tracking.TAG_ROLE: "trial",
+            tracking.TAG_TRIAL_ID: trial_id,
+            **({tracking.TAG_TRIAL_INDEX: index} if index is not None else {}),
+            **ctx.tags,
+            **tracking.host_tags(),
+        }
+        params_source: Any = cfg if cfg is not None else _FlatOnly(overrides)
+        logger, previous = tracking.open_run(
+            tracker, ctx.experiment_id, name, params_source, {k: v for k, v in tags.items() if v is not None}, key
+        )
+        if previous == "FINISHED" and cfg_error is None:
+            # Finished before the driver went down (Tune had not saved that yet): do not
+            # train again; hand Tune the metrics MLflow already has.
+            tune.report(TuneReporter(None, ctx.required).tune_metrics(logger.last_metrics))
+            return
+    if cfg_error is not None:
+        if logger is not None:
+            logger.fail(cfg_error)
+        raise cfg_error
+
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        from dmlcore.train import load_checkpoint
+
+        with ckpt.as_directory() as d:
+            resume = dict(load_checkpoint(Path(d) / "checkpoint.pt"))
+
+    reporter = TuneReporter(logger, ctx.required)
+    try:
+        from dmlcore.train import Trainer
+
+        Trainer(cfg, reporter=reporter, progress=False).fit(resume=resume)
+    except SystemExit:
+        # Tune stopped the trial (scheduler, or the study is shutting down); the driver
+        # settles the final MLflow status.
+        if logger is not None:
+            logger.finish("KILLED")
+        raise
+    except BaseException as err:
+        if logger is not None:
+            try:
+                logger.fail(err)
+            except Exception:  # never hide the trial's own error behind a tracking one
+                _log.exception("could not record the failure in MLflow")
+        raise
+    if logger is not None:
+        logger.finish("FINISHED")
+
+
+class _FlatOnly:
+    """Stands in for a RunConfig that failed to build: its params are the overrides."""
+
+    def __init__(self, flat: Mapping[str, Any]):
+        self.flat = dict(flat)
+
+    def to_flat(self) -> dict[str, Any]:
+        return self.flat
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.flat, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- outcome
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    index: int | None
+    overrides: dict[str, Any]
+    status: str  # done, stopped, failed, pending, running
+    value: float | None = None
+    best_epoch: int | None = None
+    error: str | None = None
+    run_id: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"#{self.index:03d}" if self.index is not None else self.trial_id
+
+
+@dataclass
+class StudyOutcome:
+    study: str
+    execution: str
+    exec_dir: Path
+    metric: str
+    mode: str
+    keys: list[str]
+    trials: list[TrialOutcome] = field(default_factory=list)
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    analysis_paths: list[Path] = field(default_factory=list)
+    interrupted: bool = False
+    total: int = 0
+
+    def ranked(self) -> list[TrialOutcome]:
+        ok = [t for t in self.trials if t.status in ("done", "stopped") and t.value is not None and math.isfinite(t.value)]
+        return sorted(ok, key=lambda t: t.value, reverse=self.mode == "max")
+
+    @property
+    def failed(self) -> list[TrialOutcome]:
+        return [t for t in self.trials if t.status == "failed"]
+
+    @property
+    def best(self) -> TrialOutcome | None:
+        r = self.ranked()
+        return r[0] if r else None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.trials:
+            out[t.status] = out.get(t.status, 0) + 1
+        if self.total > len(self.trials):
+            out["not started"] = self.total - len(self.trials)
+        return out
+
+
+# ----------------------------------------------------------------------------- tune pieces
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _trial_name(trial: Any) -> str:
+    index, _ = split_config(trial.config or {})
+    return f"t{index:03d}" if index is not None else f"trial_{trial.trial_id}"
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def optuna_space(study: ResolvedStudy) -> dict[str, Any]:
+    """The search space as Optuna distributions (non-scalar categorical values as JSON text)."""
+    import optuna
+
+    space = {}
+    for key, prm in study.spec.search.space.items():
+        if isinstance(prm, FloatParam):
+            space[key] = optuna.distributions.FloatDistribution(prm.low, prm.high, log=prm.log, step=prm.step)
+        elif isinstance(prm, IntParam):
+            space[key] = optuna.distributions.IntDistribution(prm.low, prm.high, log=prm.log, step=prm.step)
+        elif isinstance(prm, CategoricalParam):
+            # Optuna choices must be None/bool/int/float/str: encode anything else as JSON
+            choices = [v if _scalar(v) else json.dumps(v, sort_keys=True) for v in prm.values]
+            space[key] = optuna.distributions.CategoricalDistribution(choices)
+    return space
+
+
+def decode_map(study: ResolvedStudy) -> dict[str, dict[str, Any]]:
+    """key -> {JSON text: value} for the non-scalar categorical values of a search."""
+    out: dict[str, dict[str, Any]] = {}
+    if study.spec.search is None:
+        return out
+    for key, prm in study.spec.search.space.items():
+        if isinstance(prm, CategoricalParam):
+            enc = {json.dumps(v, sort_keys=True): v for v in prm.values if not _scalar(v)}
+            if enc:
+                out[key] = enc
+    return out
+
+
+def decode_values(overrides: Mapping[str, Any], decode: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Undo :func:`optuna_space`'s JSON encoding of lists/dicts in a sampled config."""
+    out = dict(overrides)
+    for key, table in decode.items():
+        v = out.get(key)
+        if isinstance(v, str) and v in table:
+            out[key] = table[v]
+    return out
+
+
+def decode_sample(study: ResolvedStudy, overrides: dict[str, Any]) -> dict[str, Any]:
+    return decode_values(overrides, decode_map(study))
+
+
+def required_metrics(study: ResolvedStudy) -> dict[str, str]:
+    req: dict[str, str] = {}
+    if study.spec.search is not None:
+        req[study.spec.metric] = study.spec.mode
+    if study.spec.scheduler is not None:
+        s = study.spec.scheduler
+        req[s.metric or study.spec.metric] = s.mode or study.spec.mode
+    return req
+
+
+def build_tune_config(study: ResolvedStudy) -> tuple[Any, Any]:
+    """(TuneConfig, param_space) for a study."""
+    from ray import tune
+
+    spec = study.spec
+    search_alg = None
+    scheduler = None
+    if spec.search is not None:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        s = spec.search
+        if s.sampler == "tpe":
+            kw = {"seed": s.seed}
+            if s.startup_trials is not None:
+                kw["n_startup_trials"] = s.startup_trials
+            sampler = optuna.samplers.TPESampler(**kw)
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=s.seed)
+        search_alg = OptunaSearch(space=optuna_space(study), metric=spec.metric, mode=spec.mode, sampler=sampler)
+        param_space = None
+        num_samples = s.samples
+    else:
+        points = [{"index": t.index, "overrides": t.overrides} for t in study.trials]
+        param_space = {"point": tune.grid_search(points)}
+        num_samples = 1
+    if spec.scheduler is not None:
+        from ray.tune.schedulers import AsyncHyperBandScheduler
+
+        sc = spec.scheduler
+        scheduler = AsyncHyperBandScheduler(
+            time_attr="epoch",
+            metric=sc.metric or spec.metric,
+            mode=sc.mode or spec.mode,
+            max_t=sc.max_t or study.base.train.epochs,
+            grace_period=sc.grace_period,
+            reduction_factor=sc.reduction_factor,
+            brackets=sc.brackets,
+        )
+    # metric/mode are given to the searcher and the scheduler themselves, not to
+    # TuneConfig: they may differ (ASHA on another metric) and Tune refuses both.
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=spec.max_concurrent,
+        reuse_actors=True,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=_trial_dirname,
+    )
+    return tune_config, param_space
+
+
+def make_trainable(study: ResolvedStudy, ctx: TrialContext) -> Any:
+    from ray import tune
+
+    res = {"cpu": float(study.spec.resources.cpu)}
+    if study.spec.resources.gpu:
+        res["gpu"] = float(study.spec.resources.gpu)
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), res)
+
+
+# ----------------------------------------------------------------------------- executions
+def storage_root(study_name: str, storage: str | Path | None = None) -> Path:
+    """``<storage>`` (default ``./runs/<study>``) as an absolute path."""
+    root = Path(storage) if storage is not None else Path("runs") / study_name
+    return root.expanduser().resolve()
+
+
+def new_execution_name(root: Path) -> str:
+    base = time.strftime("%Y%m%d-%H%M%S")
+    name, i = base, 1
+    while (root / name).exists():
+        i += 1
+        name = f"{base}-{i}"
+    return name
+
+
+def find_execution(root: Path, name: str | None = None) -> Path:
+    """The execution folder to resume: ``name`` or the latest one with a state file."""
+    if name and name != "latest":
+        d = root / name
+        if not (d / STATE_FILE).is_file():
+            known = sorted(p.parent.name for p in root.glob(f"*/{STATE_FILE}"))
+            raise ConfigError(
+                f"--resume {name}: no study execution at {d}" + (f"; executions: {', '.join(known)}" if known else "")
+            )
+        return d
+    found = sorted(root.glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"--resume: no earlier execution of this study under {root}")
+    return found[-1].parent
+
+
+def _init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
+    """Start or join Ray unless already initialised. Returns whether we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.WARNING)
+    if address and address.startswith("ray://"):
+        ray.init(address=address)  # Ray Client: the Tuner runs on the cluster's head node
+    elif address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus, **kw)
+    return True
+
+
+def _quiet_tune() -> None:
+    # The new output engine prints an experiment banner even at verbose=0; the legacy
+    # reporter at verbose=0 prints nothing, and our LiveView shows the progress.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_study(
+    study: ResolvedStudy,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    resume: str | bool | None = None,
+    storage: str | Path | None = None,
+    tracking_uri: str | None = None,
+    console: Any = None,
+    live: bool | None = None,
+    verbose: bool = False,
+    analyses: bool = True,
+) -> StudyOutcome:
+    """Run (or, with ``resume``, continue) a study. Returns its :class:`StudyOutcome`."""
+    from rich.console import Console
+
+    from ray import tune
+
+    from . import live as livemod
+
+    console = console or Console()
+    spec = study.spec
+    root = storage_root(spec.name, storage)
+    root.mkdir(parents=True, exist_ok=True)
+
+    # --- the execution (checked before anything starts)
+    state: dict[str, Any] = {}
+    if resume:
+        exec_dir = find_execution(root, resume if isinstance(resume, str) else None)
+        state = json.loads((exec_dir / STATE_FILE).read_text())
+        if state.get("fingerprint") != study.fingerprint():
+            raise ConfigError(
+                f"{study.source}: the study (or its --set/--quick) changed since execution "
+                f"'{exec_dir.name}' started (it ran with --quick={state.get('quick')} "
+                f"--set {state.get('overrides') or {}}); run without --resume to start a new execution"
+            )
+        execution = exec_dir.name
+        uri = state["tracking_uri"]
+        if tracking_uri and tracking_uri != uri:
+            console.print(f"[yellow]note:[/] resuming with the execution's tracking URI {uri}", soft_wrap=True)
+    else:
+        execution = new_execution_name(root)
+        exec_dir = root / execution
+        uri = tracking_uri or tracking.default_tracking_uri()
+    if address and tracking.sqlite_path(uri) is not None:
+        console.print(
+            "[yellow]note:[/] trials on other nodes cannot write to the local SQLite store "
+            f"{uri}; set MLFLOW_TRACKING_URI to a tracking server for a multi-node cluster",
+            soft_wrap=True,
+        )
+
+    # --- Ray (local, or join a cluster)
+    _quiet_tune()
+    started_ray = _init_ray(address, num_cpus, verbose)
+
+    # --- the MLflow parent run
+    tracker = tracking.Tracker(uri)
+    if resume:
+        experiment_id = state["experiment_id"]
+        parent_run_id = state["parent_run_id"]
+        tracker.set_status(parent_run_id, "RUNNING")
+        state["resumes"] = int(state.get("resumes", 0)) + 1
+        tracker.set_tags(parent_run_id, {"resumes": state["resumes"]})
+        (exec_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+    else:
+        exec_dir.mkdir(parents=True)
+        experiment_id = tracker.experiment_id(spec.name)
+        parent_tags = {
+            tracking.TAG_STUDY: spec.name,
+            tracking.TAG_EXECUTION: execution,
+            tracking.TAG_ROLE: "study",
+            "study_file": study.source,
+            "study_size": study.size,
+            "storage": str(exec_dir),
+            "fingerprint": study.fingerprint(),
+            **({"quick": "true"} if study.quick else {}),
+            **tracking.version_tags(),
+            **tracking.git_info(),
+            **tracking.host_tags(),
+        }
+        parent_run_id = tracker.create_run(experiment_id, f"{spec.name}/{execution}", parent_tags)
+        if spec.description:
+            tracker.set_tags(parent_run_id, {"mlflow.note.content": spec.description})
+        tracker.log_params(parent_run_id, _study_params(study))
+        if study.path is not None and study.path.is_file():
+            tracker.log_text(parent_run_id, study.path.read_text(), "study.yaml")
+        tracker.log_text(parent_run_id, study.base.to_yaml(), "base_config.yaml")
+        if study.trials:
+            tracker.log_text(
+                parent_run_id,
+                json.dumps([{"index": t.index, **t.overrides} for t in study.trials], indent=1, default=str),
+                "trials.json",
+            )
+        state = {
+            "study": spec.name,
+            "execution": execution,
+            "study_file": study.source,
+            "fingerprint": study.fingerprint(),
+            "quick": study.quick,
+            "overrides": study.overrides,
+            "tracking_uri": uri,
+            "experiment_id": experiment_id,
+            "parent_run_id": parent_run_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (exec_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+
+    ctx = TrialContext(
+        study=spec.name,
+        execution=execution,
+        base=study.base.to_dict(),
+        metric=spec.metric,
+        mode=spec.mode,
+        required=required_metrics(study),
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        tags={**tracking.version_tags(), **tracking.git_info()},
+        decode=decode_map(study),
+    )
+
+    # --- Tune
+    trainable = make_trainable(study, ctx)
+    if resume and tune.Tuner.can_restore(str(exec_dir)):
+        tuner = tune.Tuner.restore(str(exec_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tune_config, param_space = build_tune_config(study)
+        run_config = tune.RunConfig(
+            name=execution,
+            storage_path=str(root),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[livemod.LiveCallback()],
+            verbose=0,
+        )
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+    view = livemod.LiveView(
+        spec.metric, spec.mode, study.varying_keys, study.size, console=console, live=live,
+        title=f"{spec.name} · {execution}",
+    )
+    interrupted = False
+    results = None
+    with view:
+        try:
+            results, interrupted = _fit(tuner)
+        except KeyboardInterrupt:
+            interrupted = True
+
+    outcome = _collect(study, view, results, execution, exec_dir, uri, experiment_id, parent_run_id, interrupted)
+    outcome.interrupted = (
+        interrupted
+        or any(t.status in ("pending", "running", "interrupted") for t in outcome.trials)
+        or len(outcome.trials) < study.size
+    )
+    _settle_mlflow(tracker, outcome, ctx)
+
+    # --- analyses, parent summary
+    if analyses and not outcome.interrupted and spec.analyses:
+        outcome.analysis_paths = _run_analyses(study, outcome, tracker, console)
+    _finish_parent(tracker, outcome)
+    if started_ray:
+        import ray
+
+        ray.shutdown()
+    return outcome
+
+
+def _fit(tuner: Any) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether it ended because of SIGINT (Ctrl-C).
+
+    Tune catches the first SIGINT itself (saves the experiment, stops the trials, returns
+    normally) and then puts the previous handler back; any other ending leaves Tune's
+    handler installed. So "the previous handler is back" means "interrupted".
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        results = tuner.fit()
+        after = signal.getsignal(signal.SIGINT)
+        watched = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") != "1"
+        return results, bool(watched and after is before)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _study_params(study: ResolvedStudy) -> dict[str, str]:
+    spec = study.spec
+    out: dict[str, Any] = {
+        "study.metric": spec.metric,
+        "study.mode": spec.mode,
+        "study.size": study.size,
+        "study.seeds": spec.seeds,
+        "study.resources.cpu": spec.resources.cpu,
+        "study.resources.gpu": spec.resources.gpu,
+        "study.max_concurrent": spec.max_concurrent,
+        "study.quick": study.quick,
+    }
+    for k, v in spec.axes.items():
+        out[f"axes.{k}"] = v
+    for gi, group in enumerate(spec.zip):
+        for k, v in group.items():
+            out[f"zip{gi}.{k}"] = v
+    if spec.search is not None:
+        out["search.samples"] = spec.search.samples
+        out["search.sampler"] = spec.search.sampler
+        for k, prm in spec.search.space.items():
+            out[f"search.{k}"] = prm.model_dump(exclude_none=True)
+    if spec.scheduler is not None:
+        out["scheduler"] = spec.scheduler.model_dump(exclude_none=True)
+    return {k: tracking.stringify(v) for k, v in out.items()}
+
+
+def _collect(study, view, results, execution, exec_dir, uri, experiment_id, parent_run_id,
+             interrupted: bool = False) -> StudyOutcome:
+    outcome = StudyOutcome(
+        study=study.name, execution=execution, exec_dir=exec_dir, metric=study.spec.metric,
+        mode=study.spec.mode, keys=study.varying_keys, tracking_uri=uri,
+        experiment_id=experiment_id, parent_run_id=parent_run_id, total=study.size,
+    )
+    rows = list(view.rows.values())
+    if not rows and results is not None:  # no live events (e.g. Ray Client): use the ResultGrid
+        for r in results:
+            cfg = r.config or {}
+            index, over = split_config(cfg)
+            tid = str((r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "?"))
+            status = "failed" if r.error else ("done" if "best_epoch" in (r.metrics or {}) else "stopped")
+            v = (r.metrics or {}).get(f"best/{study.spec.metric}", (r.metrics or {}).get(study.spec.metric))
+            outcome.trials.append(
+                TrialOutcome(tid, index, over, status, v, (r.metrics or {}).get("best_epoch"),
+                             tracking.error_line(r.error) if r.error else None, metrics=dict(r.metrics or {}))
+            )
+        return outcome
+    for row in rows:
+        lr = row.last_result or {}
+        v = lr.get(f"best/{study.spec.metric}", lr.get(study.spec.metric))
+        v = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+        be = lr.get("best_epoch")
+        status = "running" if row.status in ("retrying", "paused") else row.status
+        if status in ("stopped", "running") and interrupted:
+            status = "interrupted"  # stopped by Ctrl-C, not by the scheduler: resume continues it
+        outcome.trials.append(
+            TrialOutcome(row.trial_id, row.index, decode_sample(study, row.overrides), status, v,
+                         int(be) if isinstance(be, (int, float)) else None, row.error, metrics=lr)
+        )
+    outcome.trials.sort(key=lambda t: (t.index if t.index is not None else 10**9, t.trial_id))
+    return outcome
+
+
+def _settle_mlflow(tracker: tracking.Tracker, outcome: StudyOutcome, ctx: TrialContext) -> None:
+    """Make MLflow agree with Tune: failed trials FAILED (with their error), early-stopped
+    trials FINISHED, runs left RUNNING by a vanished trial KILLED."""
+    try:
+        children = tracker.children(outcome.experiment_id, outcome.parent_run_id)
+    except Exception as err:  # tracking trouble must not lose the study's outcome
+        _log.warning("could not read the child runs: %s", err)
+        return
+    by_key = {r.data.tags.get(tracking.TAG_TRIAL_KEY): r for r in children}
+    keys = set()
+    for t in outcome.trials:
+        key = trial_key(outcome.execution, t.index, t.trial_id)
+        keys.add(key)
+        run = by_key.get(key)
+        if run is not None:
+            t.run_id = run.info.run_id
+        try:
+            if t.status == "failed":
+                if run is None:  # died before it could open its run: record it anyway
+                    cfg = None
+                    try:
+                        cfg = apply_overrides(RunConfig.model_validate(ctx.base), t.overrides)
+                    except Exception:
+                        cfg = _FlatOnly(t.overrides)
+                    tags = {
+                        tracking.TAG_PARENT: outcome.parent_run_id, tracking.TAG_STUDY: outcome.study,
+                        tracking.TAG_EXECUTION: outcome.execution, tracking.TAG_ROLE: "trial",
+                        tracking.TAG_TRIAL_ID: t.trial_id, **ctx.tags,
+                        **({tracking.TAG_TRIAL_INDEX: t.index} if t.index is not None else {}),
+                    }
+                    logger, _ = tracking.open_run(
+                        tracker, outcome.experiment_id, trial_name(outcome.study, t.index, t.trial_id), cfg, tags, key
+                    )
+                    t.run_id = logger.run_id
+                    logger.fail(t.error or "trial failed")
+                elif run.info.status != "FAILED" or not run.data.tags.get(tracking.TAG_ERROR):
+                    tracking.RunLogger(tracker, run.info.run_id).fail(t.error or "trial failed")
+            elif t.status in ("done", "stopped") and run is not None and run.info.status != "FINISHED":
+                if t.status == "stopped":
+                    tracker.set_tags(run.info.run_id, {"early_stopped": "true"})
+                tracker.set_status(run.info.run_id, "FINISHED")
+            elif t.status in ("pending", "running", "interrupted") and run is not None and run.info.status == "RUNNING":
+                tracker.set_status(run.info.run_id, "KILLED")
+        except Exception as err:
+            _log.warning("could not settle the MLflow run of trial %s: %s", t.name, err)
+    for key, run in by_key.items():
+        if key not in keys and run.info.status == "RUNNING":
+            try:
+                tracker.set_tags(run.info.run_id, {"orphan": "true"})
+                tracker.set_status(run.info.run_id, "KILLED")
+            except Exception:
+                pass
+
+
+def call_run_analyses(fn: Any, study: ResolvedStudy | None, study_name: str, analyses: Any, runs_df: Any,
+                      out_dir: Path, console: Any) -> list[Path]:
+    """Call ``sweeper.analysis.run_analyses`` with whichever signature it has:
+    ``(study_name, analyses, runs, out_dir, console)`` or ``(study, runs_df, out_dir)``."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if "analyses" in params:
+        kw = {"console": console} if "console" in params else {}
+        out = fn(study_name, analyses, runs_df, out_dir, **kw)
+    else:
+        out = fn(study, runs_df, out_dir)
+    return [Path(p) for p in (out or [])]
+
+
+def analysis_module() -> Any:
+    """``sweeper.analysis`` if it is there and has ``run_analyses``, else None."""
+    import importlib
+
+    try:
+        mod = importlib.import_module("sweeper.analysis")
+    except ModuleNotFoundError:
+        return None
+    return mod if hasattr(mod, "run_analyses") else None
+
+
+def _run_analyses(study: ResolvedStudy, outcome: StudyOutcome, tracker: tracking.Tracker, console: Any) -> list[Path]:
+    """Run the study's analyses on its child runs (skipped quietly without sweeper.analysis)."""
+    mod = analysis_module()
+    if mod is None:
+        return []
+    runs_df = load_runs_frame(tracker, outcome)
+    out_dir = outcome.exec_dir / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        paths = call_run_analyses(mod.run_analyses, study, study.name, study.spec.analyses, runs_df, out_dir, console)
+    except (ValueError, KeyError) as err:
+        console.print(f"[red]analysis failed:[/] {err}", soft_wrap=True, highlight=False)
+        return []
+    for p in paths:
+        try:
+            if p.is_file():
+                rel = p.parent.relative_to(out_dir) if p.is_relative_to(out_dir) else Path()
+                tracker.log_artifact(outcome.parent_run_id, p, str(Path("analysis") / rel))
+        except Exception as err:
+            _log.warning("could not log %s: %s", p, err)
+    return paths
+
+
+def load_runs_frame(tracker: tracking.Tracker, outcome: StudyOutcome) -> Any:
+    """The child runs of the execution as a DataFrame (sweeper.analysis.runs' format when present)."""
+    try:
+        from .analysis.runs import load_runs
+
+        return load_runs(tracker.uri, parent_run_id=outcome.parent_run_id)
+    except ImportError:
+        import pandas as pd
+
+        rows = []
+        for r in tracker.children(outcome.experiment_id, outcome.parent_run_id):
+            row = {"run_id": r.info.run_id, "status": r.info.status}
+            row.update({f"params.{k}": v for k, v in r.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+            row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def _finish_parent(tracker: tracking.Tracker, outcome: StudyOutcome) -> None:
+    pid = outcome.parent_run_id
+    try:
+        c = outcome.counts()
+        tracker.set_tags(pid, {f"trials_{k}": v for k, v in c.items()})
+        best = outcome.best
+        if best is not None:
+            tracker.log_metrics(pid, {f"best/{outcome.metric}": best.value}, step=0)
+            tracker.set_tags(pid, {"best_trial": best.name, "best_run_id": best.run_id or ""})
+        lines = ["rank,trial,run_id," + ",".join(outcome.keys) + f",{outcome.metric},best_epoch,status"]
+        for i, t in enumerate(outcome.ranked(), 1):
+            vals = [json.dumps(t.overrides.get(k, ""), default=str) for k in outcome.keys]
+            lines.append(",".join([str(i), t.name, t.run_id or "", *vals, f"{t.value}", str(t.best_epoch or ""), t.status]))
+        tracker.log_text(pid, "\n".join(lines) + "\n", "leaderboard.csv")
+        if outcome.failed:
+            tracker.log_text(
+                pid, "\n".join(f"{t.name}\t{t.error}" for t in outcome.failed) + "\n", "failed_trials.tsv"
+            )
+        tracker.set_status(pid, "KILLED" if outcome.interrupted else "FINISHED")
+    except Exception as err:
+        _log.warning("could not finish the parent run %s: %s", pid, err)

@@ -1,0 +1,78 @@
+"""Shared fixtures: one small Ray instance for the whole session, tiny study files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# A run that trains in about a second on a CPU (digits is embedded: no download).
+TINY_BASE: dict[str, Any] = {
+    "data": {"dataset": "digits", "image_size": 16, "augmentation": "none"},
+    "model": {"backbone": "small_cnn", "backbone_params": {"width": 8, "depth": 2}, "embed_dim": 16},
+    "batch": {"size": 32, "samples_per_class": 8, "iterations_per_epoch": 3},
+    "optim": {"lr": 1.0e-3},
+    "train": {"epochs": 2, "device": "cpu"},
+    "eval": {"recall_k": [1, 2], "clustering": False, "embedding_metrics": False},
+}
+
+
+def write_study(directory: Path, name: str = "tiny", **fields: Any) -> Path:
+    """Write ``<directory>/<name>.yaml`` with the tiny base and ``fields``."""
+    body = {"name": name, "base": TINY_BASE, **fields}
+    path = Path(directory) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    def make(name: str = "tiny", **fields: Any) -> Path:
+        return write_study(tmp_path, name, **fields)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, created once (its schema migrations take seconds)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, _mlflow_template_db) -> str:
+    """A fresh, empty MLflow store in this test's tmp_path (a copy of the template)."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_template_db, db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """``ray.init(num_cpus=2)`` once for every test that needs Ray; yields the GCS address."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    started = False
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        started = True
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
