@@ -81,7 +81,13 @@ class TrainResult:
     best: dict[str, float] = field(default_factory=dict)
     """Metrics of the evaluation selected by ``eval.select_on``."""
     best_epoch: int = 0
+    initial: dict[str, float] = field(default_factory=dict)
+    """Metrics of the untrained model (``eval.on_init``)."""
     model: torch.nn.Module | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.config.name, "best_epoch": self.best_epoch, "best": self.best,
+                "final": self.final, "initial": self.initial, "history": self.history}
 
 
 # ---------------------------------------------------------------------------------
@@ -404,6 +410,8 @@ class Trainer:
             emb, labels = self.embed(self.data.train_eval, idx)
             metrics = embedding_space_metrics(emb, labels, rho_m=ev.rho_m)
             out.update({f"train/{k}": float(v) for k, v in metrics.items()})
+        if "fid" in self.data.info:  # an ooDML split: its train/test shift
+            out["data/fid"] = float(self.data.info["fid"])
         out["time/eval_s"] = time.perf_counter() - t0
         return out
 
@@ -425,9 +433,11 @@ class Trainer:
             start, history, best, best_epoch = self.load_state_dict(load_checkpoint(resume))
         key = self._selection_key()
         epochs = cfg.train.epochs
+        initial: dict[str, float] = {}
         with _Bar(self.progress, epochs, len(self.sampler), start, self.console, cfg.name) as bar:
             if cfg.eval.on_init and start == 0:
-                init = {f"init/{k}": v for k, v in self.evaluate().items()}
+                initial = self.evaluate()
+                init = {f"init/{k}": v for k, v in initial.items()}
                 self.reporter.report(0, {"epoch": 0, **init})
                 bar.log_epoch(0, init)
             for epoch in range(start + 1, epochs + 1):
@@ -461,7 +471,7 @@ class Trainer:
                 bar.log_epoch(epoch, metrics)
         final = next((h for h in reversed(history) if any(k.startswith("test/") for k in h)), {})
         final = {k: v for k, v in final.items() if "/" in k and not k.startswith(("time/",))}
-        return TrainResult(cfg, history, final, best, best_epoch, self.model)
+        return TrainResult(cfg, history, final, best, best_epoch, initial, self.model)
 
 
 def _snapshot(obj: Any) -> Any:

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint file written by --checkpoint")
     t.add_argument("--checkpoint", metavar="PATH", help="keep the latest checkpoint in this file")
+    t.add_argument("--json", metavar="PATH", help="also write the results (best, final, initial, history) as JSON")
 
     s = sub.add_parser("show", help="validate a study and print its trials")
     s.add_argument("study")
@@ -257,6 +258,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if logger is not None:
         logger.finish("FINISHED")
     console.print(result_table(result))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=1))
     return 0
 
 
@@ -266,10 +271,14 @@ def result_table(result: Any) -> Table:
     keys = [k for k in keys if not k.startswith("time/")]
     table = Table(title=f"{result.config.name}: results", title_justify="left")
     table.add_column("metric")
+    initial = dict(getattr(result, "initial", {}) or {})
+    if initial:
+        table.add_column("untrained", justify="right", style="dim")
     table.add_column(f"best (epoch {result.best_epoch})", justify="right", style="bold")
     table.add_column("final", justify="right")
     for k in keys:
-        table.add_row(k, _num(best.get(k)), _num(final.get(k)))
+        row = [k] + ([_num(initial.get(k))] if initial else []) + [_num(best.get(k)), _num(final.get(k))]
+        table.add_row(*row)
     return table
 
 
