@@ -203,6 +203,8 @@ class Trainer:
         self.criterion = build_criterion(cfg, self.data.num_train_classes)
         if isinstance(self.criterion, torch.nn.Module):
             self.criterion.to(self.device)
+        if hasattr(self.criterion, "tensor_logs"):
+            self.criterion.tensor_logs = True  # per-step logs stay on the device
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "name": "model"}]
         loss_params = [p for p in self.criterion.parameters() if p.requires_grad]
         if loss_params:
@@ -315,7 +317,7 @@ class Trainer:
         self.model.train()
         total = torch.zeros((), device=self.device)
         n = 0
-        logs_sum: dict[str, float] = {}
+        logs_sum: dict[str, Any] = {}
         clip = self.cfg.optim.grad_clip
         cl = self.device.type == "cuda" and self.cfg.train.channels_last
         gen = torch.Generator().manual_seed(seed)
@@ -346,7 +348,7 @@ class Trainer:
             total += loss.detach()
             n += 1
             for k, v in (logs or {}).items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+                logs_sum[k] = logs_sum.get(k, 0.0) + v  # tensors: summed on the device
             bar.advance()
             if step % 25 == 0 and not math.isfinite(float(loss.detach())):
                 # Checked sparsely inside the epoch (one sync per 25 steps) and always at its end.
@@ -357,7 +359,7 @@ class Trainer:
         if not math.isfinite(mean):
             raise TrainingDiverged(f"loss became {mean:.4g} during epoch {epoch}")
         out = {"train/loss": mean, "train/lr": self.optimizer.param_groups[0]["lr"]}
-        out.update({f"train/{k}": v / max(n, 1) for k, v in logs_sum.items()})
+        out.update({f"train/{k}": float(v) / max(n, 1) for k, v in logs_sum.items()})
         return out
 
     # ---- evaluation -------------------------------------------------------------------

@@ -249,14 +249,42 @@ def test_decoded_image_cache(tmp_path):
     make_folder(tmp_path / "data")
     cache = tmp_path / "cache"
     b = bundle("imagefolder", tmp_path / "data", **{"data.cache_dir": str(cache)})
-    first = b.test.get_uint8(0)
-    files = list(cache.rglob("*.npy"))
-    assert len(files) == 1
-    np.testing.assert_array_equal(np.load(files[0]).transpose(2, 0, 1), first.numpy())
-    marked = np.load(files[0]).copy()
-    marked[0, 0] = [1, 2, 3]
-    np.save(files[0], marked)
+    assert b.train.store.cache.built_here
+    maps = list(cache.rglob("images.u8"))
+    assert len(maps) == 1  # one memory-mapped array for the whole dataset
+    nocache = bundle("imagefolder", tmp_path / "data")
+    for j in range(len(b.test)):
+        torch.testing.assert_close(b.test.get_uint8(j), nocache.test.get_uint8(j))
+    # a later run maps the same file: it does not decode again
+    arr = np.memmap(maps[0], dtype=np.uint8, mode="r+", shape=b.train.store.cache.array().shape)
+    i = int(b.test.indices[0])
+    arr[i, 0, 0] = [1, 2, 3]
+    arr.flush()
     b2 = bundle("imagefolder", tmp_path / "data", **{"data.cache_dir": str(cache)})
+    assert not b2.train.store.cache.built_here
     assert b2.test.get_uint8(0)[:, 0, 0].tolist() == [1, 2, 3]  # served from the cache
     b3 = bundle("imagefolder", tmp_path / "data", **{"data.cache_dir": str(cache), "data.image_size": 24})
-    assert b3.test.get_uint8(0).shape[1] == 27 and len(list(cache.rglob("*.npy"))) == 2  # keyed by size
+    assert b3.test.get_uint8(0).shape == (3, 27, 27) and len(list(cache.rglob("images.u8"))) == 2  # keyed by size
+    # a changed file list gets a new cache; an unreadable file is recorded and follows on_corrupt
+    (tmp_path / "data" / "ant" / "1.png").write_bytes(b"broken")
+    b4 = bundle("imagefolder", tmp_path / "data", **{"data.cache_dir": str(cache), "data.on_corrupt": "error"})
+    assert b4.train.store.cache.built_here and len(b4.train.store.cache.bad) == 1
+    j = int(np.flatnonzero(np.asarray(b4.source.paths)[b4.train.indices] == str(tmp_path / "data" / "ant" / "1.png"))[0])
+    with pytest.raises(DataError, match="unreadable image"):
+        b4.train.get_uint8(j)
+
+
+def test_concurrent_runs_build_the_cache_once(tmp_path):
+    import subprocess
+    import sys
+
+    make_folder(tmp_path / "data")
+    code = (
+        "import sys; from dmlcore.config import load_config; from dmlcore.data.base import build_data;"
+        f"b = build_data(load_config(None, {{'data.dataset': 'imagefolder', 'data.root': {str(tmp_path / 'data')!r},"
+        f" 'data.image_size': 16, 'data.cache_dir': {str(tmp_path / 'cache')!r}, 'batch.size': 4, 'batch.samples_per_class': 2}}));"
+        "print('BUILT' if b.train.store.cache.built_here else 'REUSED')"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs]
+    assert sorted(outs) == ["BUILT", "REUSED", "REUSED"], outs

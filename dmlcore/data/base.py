@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
@@ -47,6 +46,7 @@ class CorruptImageError(DataError):
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"unreadable image {path}: {reason}")
         self.path = path
+        self.reason = reason
 
 
 def stable_seed(*parts: Any) -> int:
@@ -279,51 +279,31 @@ class FileStore:
 
     The shorter side is resized to ``short_side`` and the central square kept, so that
     every image of a split has one size and batches of uint8 images can be augmented
-    on the device. With ``cache_dir`` the decoded,
-    resized array is kept as ``.npy`` (keyed by path, mtime, size and ``short_side``)
-    so later runs on the node skip the JPEG decoding.
+    on the device. With ``cache_dir`` the whole dataset is decoded once per node into a
+    memory-mapped array (:mod:`dmlcore.data.cache`) shared by every later run there.
     """
 
     def __init__(self, source: FileSource, short_side: int, cache_dir: str | None = None) -> None:
         self.source = source
         self.short_side = int(short_side)
-        self.cache_dir = Path(cache_dir).expanduser() / "dmlcore-images" if cache_dir else None
+        self.cache = None
+        if cache_dir:
+            from .cache import DecodedCache
+
+            self.cache = DecodedCache(cache_dir, source.name, source.paths, self.short_side)
+            self.cache.ensure(self.decode)
 
     def path(self, i: int) -> str:
         return self.source.paths[i]
 
-    def _cache_file(self, path: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        key = f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{self.short_side}|square"
-        h = hashlib.sha1(key.encode()).hexdigest()
-        return self.cache_dir / h[:2] / f"{h}.npy"
+    def decode(self, i: int) -> np.ndarray:
+        """File ``i`` decoded and resized to ``short_side x short_side x 3`` (no cache)."""
+        return _center_square(self.source.load(i, self.short_side))
 
     def get(self, i: int) -> torch.Tensor:
-        path = self.source.paths[i]
-        cached = self._cache_file(path)
-        if cached is not None and cached.is_file():
-            try:
-                arr = np.load(cached, allow_pickle=False)
-                if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
-                    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-            except (OSError, ValueError):
-                pass  # a broken cache entry is rewritten below
-        arr = _center_square(self.source.load(i, self.short_side))
-        if cached is not None:
-            try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-                with os.fdopen(fd, "wb") as fh:
-                    np.save(fh, arr, allow_pickle=False)
-                os.replace(tmp, cached)
-            except OSError as err:  # a full or read-only cache never fails a run
-                log.debug("image cache write failed for %s: %s", cached, err)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        if self.cache is not None:
+            return self.cache.get(i)
+        return torch.from_numpy(np.ascontiguousarray(self.decode(i).transpose(2, 0, 1)))
 
 
 _WARNED: set[str] = set()

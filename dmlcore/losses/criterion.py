@@ -61,13 +61,20 @@ class Criterion(nn.Module):
             if isinstance(reg, nn.Module):
                 self.add_module(f"reg_{name}", reg)
         self.lr = lr
+        self.tensor_logs = False
+        """When True, ``logs`` values are detached 0-d tensors (no host sync per step; the
+        trainer sums them on the device and converts once per epoch)."""
+
+    def _log(self, value: Tensor) -> Tensor | float:
+        v = value.detach()
+        return v if self.tensor_logs else float(v)
 
     def forward(self, embeddings: Tensor, labels: Tensor, **batch_context: Any) -> tuple[Tensor, dict[str, float]]:
         labels = labels.long()
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         main = self.loss(embeddings, labels, indices)
         total = main
-        logs: dict[str, float] = {"loss_main": float(main.detach())}
+        logs: dict[str, Any] = {"loss_main": self._log(main)}
         logs.update(_tuple_counts(indices))
         stats = getattr(self.miner, "stats", None)
         if callable(stats):
@@ -75,10 +82,10 @@ class Criterion(nn.Module):
         for name, reg in self._regs.items():
             term = reg(embeddings, labels, **batch_context)
             total = total + self.reg_weights[name] * term
-            logs[f"reg_{name}"] = float(term.detach())
+            logs[f"reg_{name}"] = self._log(term)
         beta = getattr(self.loss, "beta", None)
         if isinstance(beta, nn.Parameter):
-            logs["margin_beta"] = float(beta.detach().mean())
+            logs["margin_beta"] = self._log(beta.mean())
         return total, logs
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
