@@ -1,0 +1,152 @@
+"""Embedding-space metrics on (train) embeddings, from one embedding matrix.
+
+Roth et al., "Revisiting Training Strategies and Generalization Performance in Deep
+Metric Learning" (ICML 2020), as their public code computes them; cosine distances
+``d(u, v) = 1 - u.v / (||u|| ||v||)`` throughout. For ``Phi`` (``n x d``) with classes
+``c = 1..C`` of sizes ``n_c``:
+
+* ``pi_intra = (1/C) sum_c pi_c`` with
+  ``pi_c = 1/(n_c (n_c - 1)) sum_{i != j in c} d(phi_i, phi_j)`` (mean pairwise cosine
+  distance within the class, diagonal excluded). A one-sample class has no pair and
+  gets the largest ``pi_c`` of the other classes (NaN when no class has two samples).
+  Computed in O(n d) without any pairwise matrix: with unit rows ``x_i`` and class sums
+  ``S_c``, ``sum_{i != j in c} x_i.x_j = ||S_c||^2 - sum_{i in c} ||x_i||^2``.
+* ``pi_inter = 1/(C (C-1)) sum_{c != c'} d(mu_c, mu_c')`` with ``mu_c`` the mean of the
+  class's embeddings as given, L2-normalised (NaN for a single class). O(C d) the same way.
+* ``pi_ratio = pi_intra / max(pi_inter, 1e-8)``.
+* ``rho_spectrum`` with parameter ``m`` (the paper's rho is ``m = 2``): ``s`` = singular
+  values of the *uncentred* ``Phi`` (descending); drop the first ``|m| - 1``; normalise
+  to sum 1; with ``U`` uniform of the same length, ``m > 0`` gives ``KL(U || s)`` (=
+  ``scipy.stats.entropy(U, s)``), ``m < 0`` gives ``KL(s || U)``. Higher = the embedding
+  uses fewer directions. A zero singular value makes ``KL(U || s)`` infinite
+  (rank-deficient embeddings, e.g. fewer samples than dimensions).
+* ``uniformity`` (Wang & Isola, ICML 2020):
+  ``log( 1/(n(n-1)) sum_{i != j} exp(-t ||x_i - x_j||^2) )`` with ``t = 2`` over the
+  L2-normalised rows ``x_i`` (lower = more uniform on the sphere; in ``[-4t, 0]``).
+  Computed in row chunks, O(chunk x n) memory.
+
+All arithmetic is float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.stats import entropy
+
+from ._common import check_embeddings, check_labels, l2_normalize
+
+PI_RATIO_EPS = 1e-8
+
+
+def _class_sums(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class row sums ``(C, d)`` and sizes ``(C,)`` for labels ``0..C-1`` (sort + reduceat)."""
+    order = np.argsort(y, kind="stable")
+    ys = y[order]
+    starts = np.flatnonzero(np.r_[True, ys[1:] != ys[:-1]])
+    sums = np.add.reduceat(x[order], starts, axis=0)
+    sizes = np.diff(np.r_[starts, len(ys)])
+    return sums, sizes
+
+
+def per_class_intra(emb: Any, labels: Any) -> np.ndarray:
+    """``pi_c`` for every class ``0..C-1`` (NaN for one-sample classes)."""
+    x = l2_normalize(check_embeddings(emb, np.float64, min_rows=1))
+    y = check_labels(labels, x.shape[0])
+    sums, sizes = _class_sums(x, y)
+    sq_norms = np.bincount(y, weights=np.einsum("ij,ij->i", x, x))
+    pair_sim = np.einsum("ij,ij->i", sums, sums) - sq_norms  # sum over ordered pairs i != j
+    n_pairs = sizes * (sizes - 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sizes > 1, 1.0 - pair_sim / n_pairs, np.nan)
+
+
+def pi_intra(emb: Any, labels: Any) -> float:
+    """Mean over classes of the mean within-class cosine distance (module docstring)."""
+    pc = per_class_intra(emb, labels)
+    ok = ~np.isnan(pc)
+    if not ok.any():
+        return float("nan")
+    pc = np.where(ok, pc, pc[ok].max())
+    return float(pc.mean())
+
+
+def pi_inter(emb: Any, labels: Any) -> float:
+    """Mean pairwise cosine distance between the L2-normalised class means."""
+    x = check_embeddings(emb, np.float64, min_rows=1)
+    y = check_labels(labels, x.shape[0])
+    sums, sizes = _class_sums(x, y)
+    C = len(sizes)
+    if C < 2:
+        return float("nan")
+    mu = l2_normalize(sums / sizes[:, None])
+    total = mu.sum(axis=0)
+    pair_sim = total @ total - np.einsum("ij,ij->", mu, mu)
+    return float(1.0 - pair_sim / (C * (C - 1.0)))
+
+
+def pi_ratio(intra: float, inter: float) -> float:
+    return float(intra / max(inter, PI_RATIO_EPS))
+
+
+def singular_values(emb: Any) -> np.ndarray:
+    """Singular values of the uncentred embedding matrix, descending (float64)."""
+    x = check_embeddings(emb, np.float64, min_rows=1)
+    return np.linalg.svd(x, compute_uv=False)
+
+
+def spectrum(emb: Any, m: int = 1) -> np.ndarray:
+    """Normalised singular-value spectrum: the first ``|m| - 1`` values dropped, sums to 1.
+
+    ``m = 1`` (default) keeps every value: the curve to plot. All NaN when every
+    remaining singular value is zero.
+    """
+    if int(m) == 0:
+        raise ValueError("m must be non-zero (m = 1 keeps every singular value)")
+    full = singular_values(emb)
+    s = full[abs(int(m)) - 1 :]
+    if len(s) == 0:
+        raise ValueError(f"m={m} drops all {len(full)} singular values")
+    total = s.sum()
+    if total <= 0:  # all-zero embeddings: no spectrum to speak of
+        return np.full(len(s), np.nan)
+    return s / total
+
+
+def rho_spectrum(emb: Any, m: int = 2) -> float:
+    """Spectral decay rho: KL(U || s) for ``m > 0``, KL(s || U) for ``m < 0`` (module docstring)."""
+    s = spectrum(emb, m)
+    uniform = np.full(len(s), 1.0 / len(s))
+    return float(entropy(uniform, s) if m > 0 else entropy(s, uniform))
+
+
+def uniformity(emb: Any, t: float = 2.0, chunk_size: int | None = None) -> float:
+    """Wang & Isola's uniformity loss of the L2-normalised rows (module docstring)."""
+    x = l2_normalize(check_embeddings(emb, np.float64, min_rows=2))
+    n = x.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, (1 << 22) // n)
+    total = 0.0
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        sq = np.maximum(2.0 - 2.0 * (x[s:e] @ x.T), 0.0)  # ||x_i - x_j||^2 of unit vectors
+        k = np.exp(-t * sq)
+        k[np.arange(e - s), np.arange(s, e)] = 0.0  # i == j excluded by index
+        total += float(k.sum())
+    return float(np.log(total / (n * (n - 1.0))))
+
+
+def embedding_space_metrics(emb: Any, labels: Any, rho_m: int = 2) -> dict[str, float]:
+    """``{"pi_intra", "pi_inter", "pi_ratio", "rho_spectrum", "uniformity"}`` of one embedding matrix."""
+    x = check_embeddings(emb, np.float64, min_rows=2)
+    y = check_labels(labels, x.shape[0])
+    intra = pi_intra(x, y)
+    inter = pi_inter(x, y)
+    return {
+        "pi_intra": intra,
+        "pi_inter": inter,
+        "pi_ratio": pi_ratio(intra, inter),
+        "rho_spectrum": rho_spectrum(x, rho_m),
+        "uniformity": uniformity(x),
+    }
