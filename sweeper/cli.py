@@ -44,9 +44,16 @@ def _err_console() -> Console:
 
 
 def fail_line(err: BaseException | str) -> str:
+    from .tracking import redact
+
     text = str(err) if not isinstance(err, str) else err
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return " ".join(lines) if lines else type(err).__name__
+    return redact(" ".join(lines)) if lines else type(err).__name__
+
+
+# User errors that may reach the CLI re-raised by PyTorch from a DataLoader worker
+# (as a RuntimeError carrying the worker's traceback as text).
+_WORKER_USER_ERRORS = {"DataError", "CorruptImageError", "ConfigError", "RegistryError", "CheckpointError"}
 
 
 # ----------------------------------------------------------------------------- parser
@@ -106,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every config key with its default")
     k.add_argument("prefix", nargs="?", help="only keys starting with this, e.g. loss")
 
+    sp = sub.add_parser("splits", help="build ooDML train/test splits of increasing difficulty (FID)")
+    sp.add_argument("dataset", help="a dataset name (e.g. glyphs, cub200) or a run-config YAML")
+    sp.add_argument("--n", type=int, default=8, help="number of splits (default 8)")
+    sp.add_argument("--encoder", help="checkpoint path or backbone name (default: the config's model)")
+    sp.add_argument("--root", help="data.root of a real dataset")
+    sp.add_argument("--image-size", type=int, help="image size fed to the encoder")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", help="split file to write (default: <dataset>_oodml.json)")
+
     u = sub.add_parser("ui", help="start the MLflow UI on the study store")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -164,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_study(study, console)
         uri = args.tracking_uri or tracking.default_tracking_uri()
         console.print(f"storage   {storage_root(study.name, args.storage)}", soft_wrap=True)
-        console.print(f"tracking  {uri}", soft_wrap=True)
+        console.print(f"tracking  {tracking.redact_uri(uri)}", soft_wrap=True)
         console.print(f"ray       {args.address or 'local'}" + (f" (num_cpus={args.num_cpus})" if args.num_cpus else ""))
         console.print("[dim]dry run: nothing started[/dim]")
         return 0
@@ -199,7 +216,9 @@ def print_outcome(outcome: Any, console: Console) -> None:
     if outcome.best is not None:
         console.print(f"best {outcome.metric} = {outcome.best.value:.4f} ({outcome.best.name})", soft_wrap=True)
     console.print(f"storage  {outcome.exec_dir}", soft_wrap=True)
-    console.print(f"mlflow   {outcome.tracking_uri}  parent run {outcome.parent_run_id}", soft_wrap=True)
+    from .tracking import redact_uri
+
+    console.print(f"mlflow   {redact_uri(outcome.tracking_uri)}  parent run {outcome.parent_run_id}", soft_wrap=True)
     for p in outcome.analysis_paths:
         console.print(f"analysis {p}", soft_wrap=True)
     if outcome.interrupted:
@@ -240,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         tracker = tracking.Tracker(args.tracking_uri)
         exp = tracker.experiment_id(args.experiment or cfg.name)
         logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, tracking.single_run_tags())
-        console.print(f"[dim]MLflow run {logger.run_id} at {tracker.uri}[/dim]", soft_wrap=True)
+        console.print(f"[dim]MLflow run {logger.run_id} at {tracking.redact_uri(tracker.uri)}[/dim]", soft_wrap=True)
     reporter = _TrainReporter(logger, args.checkpoint)
     try:
         result = Trainer(cfg, reporter=reporter, progress=True).fit(resume=args.resume)
@@ -416,6 +435,23 @@ def ui_command(args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
 
 
+def cmd_splits(args: argparse.Namespace) -> int:
+    from dmlcore.oodml.splits import make_splits
+
+    console = _console()
+    out = Path(args.out or f"{Path(args.dataset).stem}_oodml.json")
+    doc = make_splits(args.dataset, n=args.n, encoder=args.encoder, out=out, root=args.root,
+                      image_size=args.image_size, device=args.device, seed=args.seed)
+    table = Table(title=f"{doc['dataset']}: {len(doc['splits'])} ooDML splits -> {out}", title_justify="left")
+    for col in ("index", "name", "FID", "train classes", "test classes"):
+        table.add_column(col, justify="right" if col != "name" else "left")
+    for i, sp in enumerate(doc["splits"]):
+        table.add_row(str(i), sp["name"], f"{sp['fid']:.2f}", str(len(sp["train_classes"])), str(len(sp["test_classes"])))
+    console.print(table)
+    console.print(f"use one in a run or study with  --set data.split={out}#INDEX")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -423,7 +459,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.print_command:
         print(" ".join(cmd))
         return 0
-    _console().print(f"MLflow UI at http://{args.host}:{args.port}  (store {cmd[5]}); Ctrl-C stops it", soft_wrap=True)
+    from .tracking import redact_uri
+
+    _console().print(
+        f"MLflow UI at http://{args.host}:{args.port}  (store {redact_uri(cmd[5])}); Ctrl-C stops it", soft_wrap=True
+    )
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
@@ -438,7 +478,7 @@ def _quiet_logs() -> None:
 
 COMMANDS = {
     "train": cmd_train, "show": cmd_show, "run": cmd_run, "analyze": cmd_analyze,
-    "list": cmd_list, "keys": cmd_keys, "ui": cmd_ui,
+    "list": cmd_list, "keys": cmd_keys, "ui": cmd_ui, "splits": cmd_splits,
 }
 
 
@@ -461,6 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if type(err).__name__ == "TrainingDiverged":
             _err_console().print(f"[bold red]error:[/] {escape(fail_line(err))}")
             return 1
+        from .tracking import unwrap_worker_error
+
+        inner = unwrap_worker_error(err)  # a bad file met by a DataLoader worker
+        if inner is not None and inner[0] in _WORKER_USER_ERRORS:
+            _err_console().print(f"[bold red]error:[/] {escape(fail_line(inner[1] or inner[0]))}")
+            return EXIT_USAGE
         raise
 
 
