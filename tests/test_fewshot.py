@@ -78,9 +78,8 @@ def test_the_configured_split_is_honoured_and_the_hook(tmp_path):
     assert np.bincount(trainer.data.test.labels[ep.support]).tolist() == [2, 2, 2, 2]
 
     assert run_after_training(trainer, None) == {}  # no eval.few_shot: nothing to do
-    eval_ = SimpleNamespace(**cfg.eval.model_dump(), few_shot={"shots": [2], "episodes": 2, "steps": 2})
-    proxy = SimpleNamespace(cfg=SimpleNamespace(**{s: getattr(cfg, s) for s in ("data", "model", "loss", "batch", "optim", "train")}, eval=eval_),
-                            model=trainer.model, data=trainer.data, device=trainer.device)  # fmt: skip
-    out = run_after_training(proxy, SimpleNamespace(model=trainer.model))
+    fs_cfg = cfg.with_overrides({"eval.few_shot": {"shots": [2], "episodes": 2, "steps": 2}})
+    fs_trainer = Trainer(fs_cfg, progress=False).build()
+    out = run_after_training(fs_trainer, SimpleNamespace(model=trainer.model))
     assert out["fewshot/num_classes"] == 4 and out["fewshot/k2/episodes"] == 2
     assert "fewshot/k2/recall_at_1_ci95" in out and "fewshot/k1/recall_at_1" not in out
