@@ -199,7 +199,8 @@ def run_brute_embedding(x, y, recall_k):
     s /= s.sum()
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     unif = float(np.log(np.mean(np.exp(-2.0 * pdist(xn, "sqeuclidean")))))
-    return {"pi_intra": float(intra.mean()), "pi_inter": float(inter), "pi_ratio": float(intra.mean() / max(inter, 1e-8)),
+    ratio = float(intra.mean() / max(inter, 1e-8))
+    return {"pi_intra": float(intra.mean()), "pi_inter": float(inter), "pi_ratio": ratio,
             "rho_spectrum": float(entropy(np.ones(len(s)) / len(s), s)), "uniformity": unif}
 
 

@@ -32,7 +32,8 @@ def test_hand_computed():
     y = [0, 0, 1, 1]
     c = [0, 0, 0, 1]
     # classes a = (2, 2), clusters b = (3, 1), cells n00 = 2, n10 = 1, n11 = 1 (N = 4)
-    mi = 0.5 * math.log(0.5 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.25))
+    mi = (0.5 * math.log(0.5 / (0.5 * 0.75)) + 0.25 * math.log(0.25 / (0.5 * 0.75))
+          + 0.25 * math.log(0.25 / (0.5 * 0.25)))
     h_y = math.log(2)
     h_c = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert nmi(y, c) == pytest.approx(mi / ((h_y + h_c) / 2), abs=1e-12)

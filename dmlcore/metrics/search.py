@@ -304,7 +304,8 @@ def iter_knn(emb: Any, k: int, *, gallery: Any = None, distance: str = "cosine",
     nq, nb, d = xq.shape[0], xb.shape[0], xq.shape[1]
     n_other = nb - 1 if exclude_self else nb
     if n_other < 1:
-        raise ValueError("the gallery is empty: at least 2 samples are needed when each query is excluded from its own gallery")
+        raise ValueError("the gallery is empty: at least 2 samples are needed when each query is excluded "
+                         "from its own gallery")
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k_out = min(int(k), n_other)
