@@ -79,6 +79,8 @@ def error_from_file(path: str | None) -> str | None:
 
 
 def error_line_of_traceback(text: str) -> str:
+    from .tracking import redact
+
     lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return "error"
@@ -87,8 +89,10 @@ def error_line_of_traceback(text: str) -> str:
         s = ln.strip()
         head = s.split(":", 1)[0]
         if ":" in s and head and " " not in head and not s.startswith(("File ", "ray::")):
-            return s.split("\x1b")[0]
-    return lines[-1].strip()
+            # "dmlcore.data.base.DataError: ..." -> "DataError: ..." (as in the MLflow tag)
+            name, rest = s.split("\x1b")[0].split(":", 1)
+            return redact(f"{name.rsplit('.', 1)[-1]}:{rest}")
+    return redact(lines[-1].strip())
 
 
 @dataclass

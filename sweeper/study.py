@@ -57,7 +57,9 @@ REGISTRY_KEYS: dict[str, tuple[str, str | None]] = {
 _NONE_NAMES = {"miner": {"none"}}
 
 # Study-level keys a ``quick:`` block may set besides RunConfig keys.
-QUICK_STUDY_KEYS = ("seeds", "search.samples", "max_concurrent")
+QUICK_STUDY_KEYS = ("seeds", "search.samples", "max_concurrent", "zip", "resources")
+# ... and ``axes.<key>``: new values for an existing axis (a smaller grid for the quick variant).
+QUICK_AXES_PREFIX = "axes."
 
 
 def free_form_keys() -> list[str]:
@@ -424,6 +426,13 @@ def resolve_study(
                 if spec.search is None:
                     raise ConfigError(f"{source}: quick: 'search.samples' but the study has no search")
                 update["search"] = {**spec.search.model_dump(), "samples": v}
+            elif k.startswith(QUICK_AXES_PREFIX):
+                axis = k[len(QUICK_AXES_PREFIX):]
+                if axis not in spec.axes:
+                    raise ConfigError(f"{source}: quick: '{k}': the study has no axis '{axis}'")
+                update.setdefault("axes", dict(spec.axes))[axis] = v
+            elif k in ("zip", "resources"):
+                update[k] = v
             else:
                 run_quick[k] = v
         if update:
@@ -432,7 +441,7 @@ def resolve_study(
             except ValidationError as err:
                 raise ConfigError(_format_study_error(err, f"{source} (quick)")) from None
     for k in spec.quick:
-        if k not in QUICK_STUDY_KEYS and (why := key_problem(k)):
+        if k not in QUICK_STUDY_KEYS and not k.startswith(QUICK_AXES_PREFIX) and (why := key_problem(k)):
             raise ConfigError(f"{source}: quick: {why}")
 
     # --- base config

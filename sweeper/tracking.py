@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,13 +88,17 @@ def git_info(cwd: str | Path | None = None) -> dict[str, str]:
 
 
 def host_tags() -> dict[str, str]:
-    """Hostname and node IP of the current process (Ray's view of the IP when available)."""
-    tags = {"host": socket.gethostname()}
+    """Where the current process runs: hostname, node IP (Ray's view when available), the
+    Ray node id (tells nodes apart even when they share a host and IP) and the process id."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
     ip = None
     ray = sys.modules.get("ray")  # only ask Ray when this process already uses it
     try:
         if ray is not None and ray.is_initialized():
             ip = ray.util.get_node_ip_address()
+            node_id = ray.get_runtime_context().get_node_id()
+            if node_id:
+                tags["node_id"] = str(node_id)
     except Exception:
         ip = None
     if ip is None:
@@ -104,6 +109,57 @@ def host_tags() -> dict[str, str]:
     if ip:
         tags["node_ip"] = ip
     return tags
+
+
+# ----------------------------------------------------------------------------- secrets
+# Environment variables a trial needs to talk to the tracking server like the driver does.
+# They are handed to the trials inside the TrialContext (Ray's object store), never
+# through a runtime_env (which Ray shows in its dashboard and job table) and never logged.
+_FORWARD_PREFIXES = ("MLFLOW_",)
+_NOT_FORWARDED = {
+    "MLFLOW_TRACKING_URI",  # the context carries the URI itself
+    "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_PARENT_RUN_ID",
+}
+SECRET_ENV = (
+    "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&;](?:password|passwd|pwd|token|access_token|secret|api_key|sslpassword)=)[^&;#\s]+")
+
+
+def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The driver's MLflow client settings (``MLFLOW_TRACKING_TOKEN``, ``..._USERNAME``,
+    ``..._PASSWORD``, TLS options, timeouts) that the trials apply before they connect."""
+    env = os.environ if environ is None else environ
+    return {
+        k: v for k, v in env.items()
+        if k.startswith(_FORWARD_PREFIXES) and k not in _NOT_FORWARDED and v is not None
+    }
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` without its password (``http://user:***@host``, ``postgresql://u:***@db/x``)
+    and without secret query parameters; what may be shown, logged or stored."""
+    if not uri:
+        return uri
+    out = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(uri))
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", out)
+
+
+def redact(text: str) -> str:
+    """``text`` with passwords in URLs and the values of secret environment variables
+    (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...) replaced by ``***``."""
+    out = redact_uri(str(text)) or ""
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            out = out.replace(value, "***")
+    return out
+
+
+def uri_password(uri: str | None) -> bool:
+    """Whether ``uri`` carries a password (in its userinfo or its query)."""
+    return bool(uri) and redact_uri(uri) != uri
 
 
 def version_tags() -> dict[str, str]:
@@ -138,14 +194,38 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+_WORKER_WRAPPED = re.compile(r"^Caught (\w+) in DataLoader worker process")
+
+
+def unwrap_worker_error(err: BaseException) -> tuple[str, str] | None:
+    """``(type name, message)`` of the exception a DataLoader worker raised, when ``err``
+    is PyTorch's re-raised wrapper (a RuntimeError "Caught X in DataLoader worker process
+    N" carrying the worker's traceback as text); None otherwise."""
+    text = str(err)
+    m = _WORKER_WRAPPED.match(text.strip())
+    if m is None:
+        return None
+    name = m.group(1)
+    for ln in reversed([ln.strip() for ln in text.splitlines() if ln.strip()]):
+        head, sep, msg = ln.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == name:
+            return name, msg.strip()
+    return name, ""
+
+
 def error_line(err: BaseException | str) -> str:
-    """The one-line description of an error: ``Type: first line of the message``."""
+    """The one-line description of an error: ``Type: first line of the message``, with
+    secrets (passwords in URLs, token values) replaced by ``***``."""
     if isinstance(err, str):
         lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
-        return lines[-1] if lines else "error"
-    msg = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
-    name = type(err).__name__
-    return f"{name}: {msg}" if msg else name
+        return redact(lines[-1]) if lines else "error"
+    inner = unwrap_worker_error(err)
+    if inner is not None:  # the worker's error, not PyTorch's wrapper around it
+        name, msg = inner
+    else:
+        msg = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        name = type(err).__name__
+    return redact(f"{name}: {msg}" if msg else name)
 
 
 def _retry(fn: Callable[[], T], attempts: int = 6) -> T:
@@ -171,6 +251,12 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri or default_tracking_uri()
+        # MLflow prints "View run <name> at: <tracking URI>/#/..." on every finished run of a
+        # tracking server: noise in a study, and the URI may carry a password.
+        if uri_password(self.uri):
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        else:
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         db = sqlite_path(self.uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +378,7 @@ class RunLogger:
         line = error_line(err)
         if tb is None and isinstance(err, BaseException):
             tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        tb = redact(tb) if tb else tb
         try:
             self.tracker.set_tags(self.run_id, {TAG_ERROR: line})
             self.tracker.log_text(self.run_id, tb or line, "error.txt")

@@ -50,12 +50,15 @@ class TrialContext:
     mode: str
     required: dict[str, str] = field(default_factory=dict)
     """Metrics Tune's searcher/scheduler require in every report -> mode (carried forward)."""
-    tracking_uri: str | None = None
+    tracking_uri: str | None = field(default=None, repr=False)  # may carry a password
     experiment_id: str | None = None
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     decode: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Search keys whose categorical values went through Optuna as JSON text: key -> {text: value}."""
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """The driver's MLflow client settings (``MLFLOW_TRACKING_TOKEN``, ...), applied by each
+    trial before it connects: workers on other nodes do not inherit the driver's environment."""
 
 
 def trial_key(execution: str, index: int | None, trial_id: str) -> str:
@@ -126,6 +129,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         cfg_error = err
 
     logger = None
+    if ctx.env:
+        os.environ.update(ctx.env)
     if ctx.tracking_uri and ctx.experiment_id:
         tracker = tracking.Tracker(ctx.tracking_uri)
         tags = {
@@ -159,6 +164,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
         with ckpt.as_directory() as d:
             resume = dict(load_checkpoint(Path(d) / "checkpoint.pt"))
+        if logger is not None:  # where this attempt picks up (a restarted trial or a resumed study)
+            logger.tracker.set_tags(logger.run_id, {"resumed_from_epoch": int(resume.get("epoch", 0))})
 
     reporter = TuneReporter(logger, ctx.required)
     try:
@@ -415,6 +422,21 @@ def find_execution(root: Path, name: str | None = None) -> Path:
     return found[-1].parent
 
 
+def _resume_uri(stored: str, given: str | None, source: str) -> str:
+    """The tracking URI of a resumed execution. ``sweeper.json`` keeps it without its
+    password; the full URI comes back from ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI``
+    when that is the same URI once redacted."""
+    for cand in (given, os.environ.get("MLFLOW_TRACKING_URI")):
+        if cand and tracking.redact_uri(cand) == stored:
+            return cand
+    if "***" in stored:
+        raise ConfigError(
+            f"{source}: this execution logs to {stored}, whose password is not stored; "
+            "give the full URI again with --tracking-uri or MLFLOW_TRACKING_URI"
+        )
+    return stored
+
+
 def _init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
     """Start or join Ray unless already initialised. Returns whether we started it."""
     import ray
@@ -431,12 +453,16 @@ def _init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
     return True
 
 
-def _quiet_tune() -> None:
+def _quiet_tune(verbose: bool = False) -> None:
     # The new output engine prints an experiment banner even at verbose=0; the legacy
-    # reporter at verbose=0 prints nothing, and our LiveView shows the progress.
+    # reporter at verbose=0 prints nothing, and our LiveView shows the progress. Tune also
+    # logs every failed trial with its whole traceback (ERROR "Trial task failed ...");
+    # the sweeper reports each failure as one line (live view, summary, MLflow tag
+    # `error`) and keeps the traceback in the run's error.txt, so only --verbose shows them.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    level = logging.ERROR if verbose else logging.CRITICAL
     for name in ("ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(level)
 
 
 def run_study(
@@ -476,9 +502,12 @@ def run_study(
                 f"--set {state.get('overrides') or {}}); run without --resume to start a new execution"
             )
         execution = exec_dir.name
-        uri = state["tracking_uri"]
-        if tracking_uri and tracking_uri != uri:
-            console.print(f"[yellow]note:[/] resuming with the execution's tracking URI {uri}", soft_wrap=True)
+        uri = _resume_uri(state["tracking_uri"], tracking_uri, study.source)
+        if tracking_uri and tracking.redact_uri(tracking_uri) != tracking.redact_uri(uri):
+            console.print(
+                f"[yellow]note:[/] resuming with the execution's tracking URI {tracking.redact_uri(uri)}",
+                soft_wrap=True,
+            )
     else:
         execution = new_execution_name(root)
         exec_dir = root / execution
@@ -491,7 +520,7 @@ def run_study(
         )
 
     # --- Ray (local, or join a cluster)
-    _quiet_tune()
+    _quiet_tune(verbose)
     started_ray = _init_ray(address, num_cpus, verbose)
 
     # --- the MLflow parent run
@@ -539,7 +568,7 @@ def run_study(
             "fingerprint": study.fingerprint(),
             "quick": study.quick,
             "overrides": study.overrides,
-            "tracking_uri": uri,
+            "tracking_uri": tracking.redact_uri(uri),  # never a password on disk
             "experiment_id": experiment_id,
             "parent_run_id": parent_run_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -558,6 +587,7 @@ def run_study(
         parent_run_id=parent_run_id,
         tags={**tracking.version_tags(), **tracking.git_info()},
         decode=decode_map(study),
+        env=tracking.forwarded_env(),
     )
 
     # --- Tune

@@ -134,6 +134,9 @@ def run_analyses(
     return files
 
 
+# Analyses in their own modules register themselves with ``@register`` when imported.
+from . import vs_fid  # noqa: E402,F401  (performance vs the ooDML split's FID)
+
 __all__ = [
     "REGISTRY",
     "DEFAULT_ANALYSES",

@@ -217,7 +217,10 @@ def report(
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = runs.reset_index(drop=True)
     if sections is None:
-        sections = SECTIONS if results is None else [s for s in SECTIONS if s in results or s in (errors or {})]
+        ran = [*(results or {}), *(errors or {})]
+        sections = list(SECTIONS) if results is None else [s for s in SECTIONS if s in ran]
+        # analyses added with ``register`` (e.g. vs_fid) that ran in the same call, after the standard ones
+        sections += [s for s in dict.fromkeys(ran) if s not in SECTIONS and s != "report"]
     results = dict(results or {})
     errors = dict(errors or {})
     for s in sections:
