@@ -51,6 +51,13 @@ def fail_line(err: BaseException | str) -> str:
     return redact(" ".join(lines)) if lines else type(err).__name__
 
 
+def _first_line(err: BaseException) -> str:
+    from .tracking import redact
+
+    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return redact(line if len(line) <= 400 else line[:397] + "...")
+
+
 # User errors that may reach the CLI re-raised by PyTorch from a DataLoader worker
 # (as a RuntimeError carrying the worker's traceback as text).
 _WORKER_USER_ERRORS = {"DataError", "CorruptImageError", "ConfigError", "RegistryError", "CheckpointError"}
@@ -508,6 +515,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _err_console().print(f"[bold red]error:[/] {escape(fail_line(inner[1] or inner[0]))}")
             return EXIT_USAGE
         raise
+    except Exception as err:
+        # The tracking store refused or could not be reached (MlflowException: bad
+        # credentials, server down, ...): one line, its URL without a password.
+        mlflow_exc = sys.modules.get("mlflow.exceptions")
+        if mlflow_exc is None or not isinstance(err, mlflow_exc.MlflowException):
+            raise
+        _err_console().print(f"[bold red]error:[/] MLflow: {escape(_first_line(err))}")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

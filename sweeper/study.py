@@ -113,10 +113,9 @@ def check_registries(cfg: RunConfig) -> None:
         name = value(key)
         if name is None or name in _NONE_NAMES.get(kind, ()) and name not in registry.names(kind):
             continue
+        registry.get(kind, name, key)  # an unknown name is reported under its own key
         if params_key and params_key in keys:
             registry.check_params(kind, name, value(params_key) or {}, params_key)
-        else:
-            registry.get(kind, name, key)
     for reg in value("loss.regularizers") or {}:
         registry.get("regularizer", reg, "loss.regularizers")
 

@@ -59,6 +59,9 @@ class TrialContext:
     env: dict[str, str] = field(default_factory=dict, repr=False)
     """The driver's MLflow client settings (``MLFLOW_TRACKING_TOKEN``, ...), applied by each
     trial before it connects: workers on other nodes do not inherit the driver's environment."""
+    cpus: float | None = None
+    """The trial's CPU share (``resources.cpu``), handed to dmlcore as ``DMLCORE_NUM_CPUS``
+    (it sizes the DataLoader workers of ``data.num_workers: -1`` to it, not to the node)."""
 
 
 def trial_key(execution: str, index: int | None, trial_id: str) -> str:
@@ -112,7 +115,20 @@ class TuneReporter:
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """The Tune trainable: one trial = one Trainer.fit (runs in a Ray worker)."""
+    """The Tune trainable: one trial = one Trainer.fit (runs in a Ray worker).
+
+    An error whose message carries a secret (MLflow's "API request to
+    http://user:PASSWORD@host/... failed") is replaced by its redacted one-line form
+    before Tune stores it (the trial's error file in the storage folder, Ray's logs)."""
+    try:
+        _run_trial(config, ctx)
+    except Exception as err:
+        if tracking.redact(str(err)) != str(err):
+            raise RuntimeError(tracking.error_line(err)) from None
+        raise
+
+
+def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     index, overrides = split_config(config)
@@ -131,6 +147,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     logger = None
     if ctx.env:
         os.environ.update(ctx.env)
+    if ctx.cpus:
+        os.environ["DMLCORE_NUM_CPUS"] = f"{ctx.cpus:g}"
     if ctx.tracking_uri and ctx.experiment_id:
         tracker = tracking.Tracker(ctx.tracking_uri)
         tags = {
@@ -588,6 +606,7 @@ def run_study(
         tags={**tracking.version_tags(), **tracking.git_info()},
         decode=decode_map(study),
         env=tracking.forwarded_env(),
+        cpus=float(spec.resources.cpu),
     )
 
     # --- Tune
