@@ -231,7 +231,7 @@ class Trainer:
         self.train_images = self._resident(self.data.train)
         self.train_labels = torch.as_tensor(self.data.train.labels)
         self.train_loader = None
-        if self.train_images is None:
+        if self.train_images is None and not getattr(self.data.train, "can_gather", False):
             self.train_loader = self._loader(self.data.train.uint8(), batch_sampler=self.sampler)
         self.step_model = self.model
         if cfg.train.compile:
@@ -254,8 +254,12 @@ class Trainer:
         return imgs
 
     def _batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        if self.train_images is None:
+        if self.train_loader is not None:
             yield from self.train_loader
+            return
+        if self.train_images is None:  # the decoded cache: one bulk read per batch, no workers
+            for idx in self.sampler:
+                yield self.data.train.gather(idx), self.train_labels[torch.as_tensor(idx)]
             return
         dev = self.train_images.device
         for idx in self.sampler:
@@ -375,6 +379,9 @@ class Trainer:
             if idx is not None:
                 imgs = imgs[torch.as_tensor(idx)]
             batches: Iterable = (imgs[a : a + bs] for a in range(0, len(imgs), bs))
+        elif getattr(ds, "can_gather", False):  # the decoded cache: bulk reads, no workers
+            order = np.arange(len(ds)) if idx is None else idx
+            batches = (ds.gather(order[a : a + bs]) for a in range(0, len(order), bs))
         else:
             view = ds.uint8() if idx is None else torch.utils.data.Subset(ds.uint8(), idx.tolist())
             batches = (x for x, _ in self._loader(view, batch_size=bs, shuffle=False))

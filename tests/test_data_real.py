@@ -288,3 +288,50 @@ def test_concurrent_runs_build_the_cache_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs]
     assert sorted(outs) == ["BUILT", "REUSED", "REUSED"], outs
+
+
+def test_cached_gather_matches_items_and_applies_on_corrupt(tmp_path):
+    """With the decoded cache a batch is one bulk read, equal to the item-by-item images;
+    an unreadable file follows data.on_corrupt there too."""
+    make_folder(tmp_path / "data")
+    (tmp_path / "data" / "ant" / "1.png").write_bytes(b"broken")
+    paths = lambda b: np.asarray(b.source.paths)[b.train.indices]  # noqa: E731
+    b = bundle("imagefolder", tmp_path / "data", **{"data.cache_dir": str(tmp_path / "c"), "data.on_corrupt": "skip"})
+    assert b.train.can_gather and not bundle("imagefolder", tmp_path / "data").train.can_gather
+    js = np.arange(len(b.train))[::-1].copy()
+    batch = b.train.gather(js)
+    assert batch.dtype == torch.uint8 and batch.shape == (len(js), *b.train.get_uint8(0).shape)
+    for k, j in enumerate(js):
+        torch.testing.assert_close(batch[k], b.train.get_uint8(int(j)))
+    bad = int(np.flatnonzero(paths(b) == str(tmp_path / "data" / "ant" / "1.png"))[0])
+    good = int(np.flatnonzero(paths(b) == str(tmp_path / "data" / "ant" / "0.png"))[0])
+    assert batch[list(js).index(bad)].sum() > 0  # a class-mate stood in, not the zeros of the slot
+    torch.testing.assert_close(b.train.gather([bad])[0], b.train.get_uint8(good))
+    b = bundle("imagefolder", tmp_path / "data", **{"data.cache_dir": str(tmp_path / "c"), "data.on_corrupt": "error"})
+    with pytest.raises(DataError, match="unreadable image"):
+        b.train.gather([good, bad])
+
+
+def test_trainer_reads_cached_files_in_bulk_with_identical_results(tmp_path, monkeypatch):
+    """A file dataset with data.cache_dir trains and evaluates without DataLoader workers
+    (bulk reads from the map) and gives the same numbers as the per-item loader path."""
+    from dmlcore.config import load_config
+    from dmlcore.train import Trainer
+
+    make_folder(tmp_path / "data", classes=("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"), per_class=4)
+    over = {
+        "data.dataset": "imagefolder", "data.root": str(tmp_path / "data"), "data.image_size": 16,
+        "data.num_workers": 0, "model.backbone": "small_cnn", "model.embed_dim": 8, "batch.size": 8,
+        "batch.samples_per_class": 2, "train.epochs": 2, "train.device": "cpu", "eval.clustering": False,
+    }
+    plain = Trainer(load_config(None, over), progress=False).fit()
+    # the cached path must never build a DataLoader
+    import dmlcore.train as train_mod
+
+    def no_loader(*a, **k):
+        raise AssertionError("a DataLoader was built for cached data")
+
+    monkeypatch.setattr(train_mod, "DataLoader", no_loader)
+    cached = Trainer(load_config(None, {**over, "data.cache_dir": str(tmp_path / "c")}), progress=False).fit()
+    for key in ("train/loss", "test/recall_at_1", "test/map_at_r"):
+        assert cached.final[key] == pytest.approx(plain.final[key], abs=1e-6), key

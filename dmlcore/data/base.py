@@ -257,11 +257,19 @@ def decode_image(path: str, short_side: int | None = None) -> np.ndarray:
 class TensorStore:
     """Indexes one uint8 tensor ``N x 3 x H x W`` (in-memory sources)."""
 
+    can_gather = True
+
     def __init__(self, images: torch.Tensor) -> None:
         self.images = images
 
     def get(self, i: int) -> torch.Tensor:
         return self.images[i]
+
+    def gather(self, idx: np.ndarray) -> torch.Tensor:
+        """Samples ``idx`` as one uint8 batch."""
+        return self.images[torch.as_tensor(idx)]
+
+    bad: dict[int, str] = {}
 
     def path(self, i: int) -> str:
         return f"<in-memory #{i}>"
@@ -304,6 +312,22 @@ class FileStore:
         if self.cache is not None:
             return self.cache.get(i)
         return torch.from_numpy(np.ascontiguousarray(self.decode(i).transpose(2, 0, 1)))
+
+    @property
+    def can_gather(self) -> bool:
+        """Whole batches can be read at once (from the decoded cache): no loader workers needed."""
+        return self.cache is not None
+
+    @property
+    def bad(self) -> dict[int, str]:
+        """Samples the cache found unreadable (their slots hold zeros)."""
+        return self.cache.bad if self.cache is not None else {}
+
+    def gather(self, idx: np.ndarray) -> torch.Tensor:
+        """Samples ``idx`` as one uint8 batch, read from the decoded cache."""
+        if self.cache is None:
+            raise RuntimeError("FileStore.gather needs data.cache_dir")
+        return self.cache.gather(idx)
 
 
 _WARNED: set[str] = set()
@@ -357,6 +381,23 @@ class LabeledDataset(Dataset):
         if isinstance(self.store, TensorStore):
             return self.store.images[torch.as_tensor(self.indices)]
         return None
+
+    @property
+    def can_gather(self) -> bool:
+        """Batches can be read in bulk (:meth:`gather`) instead of item by item."""
+        return bool(getattr(self.store, "can_gather", False))
+
+    def gather(self, js: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Items ``js`` as one untransformed uint8 batch ``B x 3 x h x w`` (one bulk read from
+        the in-memory tensor or the decoded cache), with the on_corrupt policy applied."""
+        js = np.asarray(js, dtype=np.int64)
+        batch = self.store.gather(self.indices[js])
+        bad = self.store.bad
+        if bad or self._bad:
+            for k, j in enumerate(js.tolist()):
+                if j in self._bad or int(self.indices[j]) in bad:
+                    batch[k] = self.get_uint8(j)
+        return batch
 
     def get_uint8(self, j: int) -> torch.Tensor:
         """The untransformed uint8 image ``3 x h x w`` of item ``j`` (after the on_corrupt policy)."""

@@ -130,6 +130,13 @@ class DecodedCache:
             raise CorruptImageError(self.paths[i], self.bad[i])
         return torch.from_numpy(np.ascontiguousarray(self.array()[i].transpose(2, 0, 1)))
 
+    def gather(self, idx: np.ndarray) -> torch.Tensor:
+        """Images ``idx`` as one uint8 batch ``B x 3 x side x side`` (one copy out of the map).
+
+        The caller handles indices in :attr:`bad` (their slots hold zeros)."""
+        batch = self.array()[np.asarray(idx, dtype=np.int64)]  # B x s x s x 3, a copy
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
     def __getstate__(self) -> dict:
         # DataLoader workers re-open the map instead of pickling the pixels.
         state = dict(self.__dict__)

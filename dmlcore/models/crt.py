@@ -141,7 +141,8 @@ class CRTHead(Head):
         self.consistency_weight = float(consistency_weight)
         self.diversity_weight = float(diversity_weight)
         self._extra: Tensor | None = None
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, Tensor] = {}
+        """The last training forward's unweighted terms (detached device tensors: no host sync)."""
 
     def forward(self, fmap: Tensor) -> Tensor:
         if fmap.dim() != 4:
@@ -157,7 +158,7 @@ class CRTHead(Head):
                 cons = similarity_consistency(emb.float(), aux.float(), self.consistency)
                 div = div + self.aux.diversity()
             self._extra = self.consistency_weight * cons + self.diversity_weight * div
-            self.last_terms = {"crt_consistency": float(cons.detach()), "crt_diversity": float(div.detach())}
+            self.last_terms = {"crt_consistency": cons.detach(), "crt_diversity": div.detach()}
         return emb
 
     def extra_loss(self) -> Tensor | None:
