@@ -2,14 +2,14 @@
 
 The benchmark writes real JPEG files (an ImageFolder tree of textured images at
 `--src-size` px), then runs `--trials` trials one after the other, each in a fresh
-Python process as a Ray worker would be: build the data and train one epoch of a
-small CNN plus one evaluation pass (`sweeper`-free, plain `dmlcore`). Two conditions:
+Python process as a Ray worker would be: build the data and train `--epochs` epochs of
+a small CNN, evaluating after the last (`sweeper`-free, plain `dmlcore`). Two conditions:
 
 * baseline: `data.cache_dir` unset: every trial decodes and resizes every JPEG itself;
 * cached: `data.cache_dir` set: the first trial decodes once into the node-local
   memory-mapped cache, the other trials map it.
 
-    python benchmarks/data_cache.py [--images 3000] [--trials 8] [--image-size 64]
+    python benchmarks/data_cache.py [--images 3000] [--trials 8] [--epochs 3] [--image-size 64]
 
 Prints wall time per condition and the ratio baseline / cached.
 """
@@ -54,7 +54,7 @@ def write_jpegs(root: Path, n: int, classes: int, size: int) -> None:
         Image.fromarray(img).save(d / f"{i:06d}.jpg", quality=90)
 
 
-def run_trials(root: Path, trials: int, image_size: int, cache_dir: str | None, workers: int) -> list[dict]:
+def run_trials(root: Path, trials: int, epochs: int, image_size: int, cache_dir: str | None, workers: int) -> list[dict]:
     out = []
     for seed in range(trials):
         over = {
@@ -62,7 +62,7 @@ def run_trials(root: Path, trials: int, image_size: int, cache_dir: str | None, 
             "data.augmentation": "standard", "data.num_workers": workers, "data.cache_dir": cache_dir,
             "model.backbone": "small_cnn", "model.backbone_params": {"width": 16, "depth": 3}, "model.embed_dim": 32,
             "loss.name": "multi_similarity", "batch.size": 64, "batch.samples_per_class": 4,
-            "optim.lr": 1e-3, "train.epochs": 1, "train.seed": seed, "train.device": "cpu",
+            "optim.lr": 1e-3, "train.epochs": epochs, "eval.every": epochs, "train.seed": seed, "train.device": "cpu",
             "eval.clustering": False, "eval.embedding_metrics": False,
         }
         proc = subprocess.run([sys.executable, "-c", TRIAL, json.dumps(over)], capture_output=True, text=True)
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--src-size", type=int, default=320)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=-1)
     args = ap.parse_args()
 
@@ -88,15 +89,15 @@ def main() -> None:
         write_jpegs(tmp / "data", args.images, args.classes, args.src_size)
         print(f"wrote {args.images} JPEGs of {args.src_size}px in {time.perf_counter() - t0:.1f}s")
         t0 = time.perf_counter()
-        base = run_trials(tmp / "data", args.trials, args.image_size, None, args.workers)
+        base = run_trials(tmp / "data", args.trials, args.epochs, args.image_size, None, args.workers)
         t_base = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cached = run_trials(tmp / "data", args.trials, args.image_size, str(tmp / "cache"), args.workers)
+        cached = run_trials(tmp / "data", args.trials, args.epochs, args.image_size, str(tmp / "cache"), args.workers)
         t_cache = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"machine: {platform.machine()}, {__import__('os').cpu_count()} CPUs, python {platform.python_version()}")
-    print(f"{args.trials} trials x (1 epoch + 1 eval), {args.images} images, {args.image_size}px, small_cnn, CPU")
+    print(f"{args.trials} trials x ({args.epochs} epochs + 1 eval), {args.images} images, {args.image_size}px, small_cnn, CPU")
     print(f"{'':28}{'sweep s':>9}{'first':>8}{'later (mean)':>14}")
     for name, t, rs in (("baseline: decode per trial", t_base, base), ("shared decoded cache", t_cache, cached)):
         later = sum(r["seconds"] for r in rs[1:]) / max(1, len(rs) - 1)

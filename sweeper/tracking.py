@@ -89,7 +89,8 @@ def git_info(cwd: str | Path | None = None) -> dict[str, str]:
 
 def host_tags() -> dict[str, str]:
     """Where the current process runs: hostname, node IP (Ray's view when available), the
-    Ray node id (tells nodes apart even when they share a host and IP) and the process id."""
+    Ray node id (tells nodes apart even when they share a host and IP), the GPUs Ray
+    assigned (``gpu_ids``) and the process id."""
     tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
     ip = None
     ray = sys.modules.get("ray")  # only ask Ray when this process already uses it
@@ -99,6 +100,9 @@ def host_tags() -> dict[str, str]:
             node_id = ray.get_runtime_context().get_node_id()
             if node_id:
                 tags["node_id"] = str(node_id)
+            gpus = ray.get_gpu_ids()  # in a trial: the GPU(s) Ray gave it (fractions share one)
+            if gpus:
+                tags["gpu_ids"] = ",".join(str(g) for g in gpus)
     except Exception:
         ip = None
     if ip is None:

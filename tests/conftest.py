@@ -59,7 +59,7 @@ def mlflow_uri(tmp_path, _mlflow_template_db) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """``ray.init(num_cpus=2)`` once for every test that needs Ray; yields the GCS address."""
+    """``ray.init(num_cpus=2, num_gpus=1)`` once for every test that needs Ray; yields the GCS address."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -68,6 +68,9 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
+            # one GPU as a logical resource only (none is used: trials train on the CPU), so
+            # that fractional-GPU packing is exercised on machines without one
+            num_gpus=1,
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.WARNING,

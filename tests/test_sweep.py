@@ -11,6 +11,7 @@ import time
 import pytest
 from rich.console import Console
 
+from conftest import TINY_BASE
 from sweeper import tracking
 from sweeper.study import load_study
 from sweeper.tune import run_study
@@ -211,3 +212,31 @@ def test_killed_study_resumes_without_duplicate_runs(ray_session, study_file, tm
     for key in finished:  # not trained again: still exactly one value per epoch
         steps = [m.step for m in tracker.client.get_metric_history(run_ids[key], "train/loss")]
         assert sorted(steps) == [1, 2], (key, steps)
+
+
+def test_fractional_gpus_pack_trials_onto_one_gpu(ray_session, study_file, tmp_path, mlflow_uri):
+    """``resources.gpu: 0.25`` packs trials onto one GPU: the session's Ray has one (a
+    logical resource; the trials train on the CPU), all four trials get GPU 0 and they
+    run at the same time. With ``gpu: 1`` Ray would run them one after the other."""
+    import ray
+
+    assert ray.cluster_resources().get("GPU") == 1
+    study = load_study(
+        study_file(
+            "packed",
+            seeds=[0, 1, 2, 3],
+            resources={"cpu": 0.5, "gpu": 0.25},
+            max_concurrent=4,
+            base={**TINY_BASE, "batch": {**TINY_BASE["batch"], "iterations_per_epoch": 12},
+                  "train": {**TINY_BASE["train"], "epochs": 3}},
+        )
+    )
+    outcome, text = _run(study, tmp_path, mlflow_uri)
+    assert [t.status for t in outcome.trials] == ["done"] * 4, text
+    _, parents, children = _runs(mlflow_uri, "packed")
+    assert len(children) == 4
+    assert [c.data.tags.get("gpu_ids") for c in children] == ["0"] * 4
+    assert parents[0].data.params["study.resources.gpu"] == "0.25"
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    overlap = max(sum(1 for s, e in spans if s <= t0 < e) for t0, _ in spans)
+    assert overlap >= 2, spans  # more than one trial on the one GPU at a time
