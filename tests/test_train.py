@@ -106,3 +106,21 @@ def test_few_shot_metrics_come_with_the_last_report():
     last = rep.reports[-1][1]
     assert 0.0 <= last["fewshot/k2/recall_at_1"] <= 1.0
     assert last["fewshot/k2/episodes"] == 2 and "fewshot/k2/zero_shot_recall_at_1" in last
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one():
+    """``train.compile: true`` trains through ``torch.compile`` (inductor, here on the CPU)
+    and reaches the eager run's numbers (same seed, same batches)."""
+    import shutil
+
+    pytest.importorskip("torch._inductor")
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (c++/g++)")
+    small = dict(train__epochs=1, batch__iterations_per_epoch=4, model__embed_dim=8)
+    eager = Trainer(cfg(**small), progress=False).fit()
+    tr = Trainer(cfg(**small, train__compile=True), progress=False)
+    compiled = tr.fit()
+    assert tr.step_model is not tr.model and type(tr.step_model).__name__ == "OptimizedModule"
+    for key in ("train/loss", "test/recall_at_1"):
+        assert compiled.final[key] == pytest.approx(eager.final[key], abs=1e-4), key
