@@ -26,24 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register
+from .similarity import similarity_discrepancy
 
 
 def similarity_distillation(student: Tensor, master: Tensor, temperature: float = 0.1, mode: str = "kl") -> Tensor:
-    """Distance between the batch similarity structures of ``student`` and ``master`` embeddings."""
-    s = F.normalize(student.float(), dim=1)
-    m = F.normalize(master.float(), dim=1)
-    ss, sm = s @ s.t(), m @ m.t()
-    n = ss.shape[0]
-    if n < 2:
-        return ss.new_zeros(())
-    eye = torch.eye(n, dtype=torch.bool, device=ss.device)
-    if mode == "mse":
-        return ((ss - sm)[~eye] ** 2).mean()
-    if mode != "kl":
-        raise ValueError(f"mode must be 'kl' or 'mse', got {mode!r}")
-    log_ps = F.log_softmax((ss / temperature).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
-    log_pm = F.log_softmax((sm / temperature).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
-    return (log_pm.exp() * (log_pm - log_ps)).sum(1).mean()
+    """Distance between the batch similarity structures of ``student`` and ``master`` embeddings
+    (``kl``: ``KL(P_master || P_student)`` per row, averaged)."""
+    return similarity_discrepancy(student, master, mode, temperature)
 
 
 class GuidedDistillation(nn.Module):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses.similarity import similarity_discrepancy
 from ..registry import register
 from .heads import Head, _check_pool, global_pool
 from .pretrained import ModelError
@@ -53,21 +54,9 @@ def similarity_consistency(a: Tensor, b: Tensor, mode: str = "mse", temperature:
     ``mse``: mean squared difference of the off-diagonal similarities; ``kl``: symmetric KL
     between the row-softmaxed similarities (diagonal excluded) at ``temperature``.
     """
-    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    sa, sb = a @ a.t(), b @ b.t()
-    n = sa.shape[0]
-    if n < 2:
-        return sa.new_zeros(())
-    eye = torch.eye(n, dtype=torch.bool, device=sa.device)
-    if mode == "mse":
-        return ((sa - sb)[~eye] ** 2).mean()
-    if mode == "kl":
-        la = F.log_softmax((sa / temperature).masked_fill(eye, float("-inf")), dim=1)
-        lb = F.log_softmax((sb / temperature).masked_fill(eye, float("-inf")), dim=1)
-        la, lb = la.masked_fill(eye, 0.0), lb.masked_fill(eye, 0.0)
-        pa, pb = la.exp(), lb.exp()
-        return 0.5 * ((pa * (la - lb)).sum(1) + (pb * (lb - la)).sum(1)).mean()
-    raise ModelError(f"consistency must be 'mse' or 'kl', got {mode!r}")
+    if mode not in ("mse", "kl"):
+        raise ModelError(f"consistency must be 'mse' or 'kl', got {mode!r}")
+    return similarity_discrepancy(a, b, mode, temperature, symmetric=True)
 
 
 class CodedResidualTransform(nn.Module):
