@@ -268,21 +268,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, tracking.single_run_tags())
         console.print(f"[dim]MLflow run {logger.run_id} at {tracking.redact_uri(tracker.uri)}[/dim]", soft_wrap=True)
     reporter = _TrainReporter(logger, args.checkpoint)
-    try:
+    from .tracking import recording
+
+    with recording(logger, killed=(KeyboardInterrupt,)):
         result = Trainer(cfg, reporter=reporter, progress=True).fit(resume=args.resume)
-    except KeyboardInterrupt:
-        if logger is not None:
-            logger.finish("KILLED")
-        raise
-    except BaseException as err:
-        if logger is not None:
-            try:
-                logger.fail(err)
-            except Exception:
-                pass
-        raise
-    if logger is not None:
-        logger.finish("FINISHED")
     console.print(result_table(result))
     if args.json:
         import json

@@ -14,6 +14,7 @@ creating a second one (a resumed or retried trial continues its run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 from urllib.parse import unquote
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
@@ -392,6 +393,34 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.tracker.set_status(self.run_id, status)
+
+
+@contextlib.contextmanager
+def recording(
+    logger: RunLogger | None,
+    killed: tuple[type[BaseException], ...],
+    on_tracking_error: Callable[[], None] = lambda: None,
+) -> Iterator[None]:
+    """The body trains ``logger``'s run, which ends FINISHED when the body returns, KILLED
+    on a ``killed`` exception and FAILED (:meth:`RunLogger.fail`) on any other; the
+    exception goes on. A tracking error while recording a failure never replaces the
+    body's own error: ``on_tracking_error()`` is called while it is handled (to log it,
+    or not). Without a logger the body just runs."""
+    if logger is None:
+        yield
+        return
+    try:
+        yield
+    except killed:
+        logger.finish("KILLED")
+        raise
+    except BaseException as err:
+        try:
+            logger.fail(err)
+        except Exception:
+            on_tracking_error()
+        raise
+    logger.finish("FINISHED")
 
 
 def open_run(

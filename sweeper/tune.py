@@ -186,25 +186,14 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             logger.tracker.set_tags(logger.run_id, {"resumed_from_epoch": int(resume.get("epoch", 0))})
 
     reporter = TuneReporter(logger, ctx.required)
-    try:
+    # SystemExit: Tune stopped the trial (scheduler, or the study is shutting down); the
+    # driver settles the final MLflow status.
+    with tracking.recording(
+        logger, killed=(SystemExit,), on_tracking_error=lambda: _log.exception("could not record the failure in MLflow")
+    ):
         from dmlcore.train import Trainer
 
         Trainer(cfg, reporter=reporter, progress=False).fit(resume=resume)
-    except SystemExit:
-        # Tune stopped the trial (scheduler, or the study is shutting down); the driver
-        # settles the final MLflow status.
-        if logger is not None:
-            logger.finish("KILLED")
-        raise
-    except BaseException as err:
-        if logger is not None:
-            try:
-                logger.fail(err)
-            except Exception:  # never hide the trial's own error behind a tracking one
-                _log.exception("could not record the failure in MLflow")
-        raise
-    if logger is not None:
-        logger.finish("FINISHED")
 
 
 class _FlatOnly:
