@@ -258,6 +258,7 @@ class TensorStore:
     """Indexes one uint8 tensor ``N x 3 x H x W`` (in-memory sources)."""
 
     can_gather = True
+    bad: dict[int, str] = {}  # nothing to decode, nothing unreadable
 
     def __init__(self, images: torch.Tensor) -> None:
         self.images = images
@@ -268,8 +269,6 @@ class TensorStore:
     def gather(self, idx: np.ndarray) -> torch.Tensor:
         """Samples ``idx`` as one uint8 batch."""
         return self.images[torch.as_tensor(idx)]
-
-    bad: dict[int, str] = {}
 
     def path(self, i: int) -> str:
         return f"<in-memory #{i}>"
