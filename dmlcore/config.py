@@ -61,15 +61,28 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     backbone: str = "small_cnn"
     pretrained: str | None = None
-    """Local path to backbone weights (a torchvision state dict). Nothing is downloaded."""
+    """Backbone weights: ``imagenet`` (torchvision's original ImageNet V1 file, found in the
+    torch hub cache; ``sweeper weights fetch BACKBONE`` downloads it once) or a local path
+    to a state dict. Nothing is downloaded at run time."""
     backbone_params: ParamDict = Field(default_factory=dict)
     freeze_bn: bool = False
-    """Keep BatchNorm layers in eval mode with frozen affine parameters."""
+    """Frozen BatchNorm statistics: backbone BN layers normalise with their pretrained running
+    statistics and never update them; gamma/beta still train (needs ``pretrained``)."""
     embed_dim: int = Field(128, ge=1)
     head: str = "linear"
     head_params: ParamDict = Field(default_factory=dict)
     normalize: bool = True
     """L2-normalise the embedding."""
+
+    @model_validator(mode="after")
+    def _frozen_bn_needs_weights(self) -> "ModelConfig":
+        if self.freeze_bn and not self.pretrained:
+            raise ValueError(
+                "freeze_bn: true needs model.pretrained (frozen statistics of an untrained network are "
+                "mean 0 / variance 1: every BatchNorm would be an identity); set model.pretrained=imagenet "
+                "or a weight file, or freeze_bn: false"
+            )
+        return self
 
 
 class LossConfig(_Section):
@@ -156,8 +169,10 @@ class EvalConfig(_Section):
     """pi_intra, pi_inter, pi_ratio, rho spectral decay and uniformity on the train embeddings."""
     rho_m: int = 2
     """Spectral decay drops the first |m|-1 singular values (the paper's rho is m=2)."""
-    max_train_embed: int = Field(10000, ge=10)
-    """Train samples embedded for the embedding-space metrics (a seeded subset above this)."""
+    max_train_embed: int | None = Field(None, ge=10)
+    """Train samples embedded for the embedding-space metrics: None = all of them (as the
+    reference), else at most this many, drawn as whole classes (seeded; no class is cut,
+    so no class becomes a singleton). Sets too large for memory are cut the same way."""
     batch_size: int = Field(256, ge=1)
     select_on: Literal["val", "test", "last"] = "last"
     """Which evaluation picks the best epoch; ``val`` needs data.val_classes > 0."""

@@ -37,6 +37,12 @@ from .resources import resolve_workers
 CHECKPOINT_FORMAT = 1
 RESIDENT_GPU_BYTES = 4 << 30
 """In-memory datasets up to this size live on the GPU for the whole run."""
+TRAIN_EMBED_BYTES = 2 << 30
+"""Largest train-embedding matrix (float64) for the embedding-space metrics; above: whole classes."""
+UNIFORMITY_ROWS = 10000
+"""Uniformity (O(n^2), not a reference metric) on at most this many train embeddings."""
+RHO_AT = (1, 2)
+"""``train/rho_spectrum_at_1`` (the paper's, README of the reference) and ``_at_2`` every evaluation."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -391,8 +397,9 @@ class Trainer:
             x = self.eval_tf(x.to(self.device, non_blocking=True))
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                outs.append(self.model(x).float())
+            # Never autocast here: embeddings are computed and L2-normalised in fp32 (as the
+            # reference), whatever train.amp does to the training steps.
+            outs.append(self.model(x.float()).float())
         emb = torch.cat(outs).cpu() if outs else torch.zeros(0, self.cfg.model.embed_dim)
         return emb, labels
 
@@ -411,13 +418,17 @@ class Trainer:
             )
             out.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})
         if ev.embedding_metrics:
+            from .metrics.subsample import class_subset
+
             n = len(self.data.train_eval)
+            budget = min(ev.max_train_embed or n, TRAIN_EMBED_BYTES // (8 * max(1, self.cfg.model.embed_dim)))
             idx = None
-            if n > ev.max_train_embed:
-                rng = np.random.default_rng(self.cfg.train.seed)
-                idx = np.sort(rng.choice(n, ev.max_train_embed, replace=False))
+            if n > budget:  # whole classes, never a uniform draw (singletons would inflate pi_intra)
+                idx = class_subset(np.asarray(self.data.train_eval.labels), budget, self.cfg.train.seed)
             emb, labels = self.embed(self.data.train_eval, idx)
-            metrics = embedding_space_metrics(emb, labels, rho_m=ev.rho_m)
+            metrics = embedding_space_metrics(
+                emb, labels, rho_m=ev.rho_m, rho_at=RHO_AT, uniformity_rows=UNIFORMITY_ROWS, seed=self.cfg.train.seed
+            )
             out.update({f"train/{k}": float(v) for k, v in metrics.items()})
         if "fid" in self.data.info:  # an ooDML split: its train/test shift
             out["data/fid"] = float(self.data.info["fid"])

@@ -7,6 +7,7 @@
     sweeper list [KIND]                                      registries and their parameters
     sweeper keys [PREFIX]                                    every config key with its default
     sweeper ui [--port P] [--host H]                         MLflow UI on the same store
+    sweeper weights list | fetch BACKBONE                    ImageNet weights in the torch hub cache
 
 A user error (bad key, unknown registry name, missing data, ...) is one red line on
 stderr and exit status 2; no traceback.
@@ -129,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", help="split file to write (default: <dataset>_oodml.json)")
+
+    w = sub.add_parser("weights", help="ImageNet backbone weights: which are present, download one (once)")
+    wsub = w.add_subparsers(dest="weights_command", metavar="ACTION")
+    wsub.required = True
+    wsub.add_parser("list", help="the known ImageNet weight files: present, missing or bad, and where")
+    wf = wsub.add_parser("fetch", help="download a backbone's ImageNet (V1) weights into the torch hub cache")
+    wf.add_argument("backbone", help="resnet50, resnet18 or googlenet")
+    wf.add_argument("--force", action="store_true", help="download again even if a good copy is there")
 
     u = sub.add_parser("ui", help="start the MLflow UI on the study store")
     u.add_argument("--port", type=int, default=5000)
@@ -256,6 +265,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     console = _console()
     cfg = load_config(args.config, parse_overrides(args.overrides))
     check_registries(cfg)
+    from .weights import check_local, needed_backbones
+
+    check_local(needed_backbones([cfg]))  # missing ImageNet weights: one line, before MLflow
     from dmlcore.train import Trainer
 
     logger = None
@@ -448,6 +460,30 @@ def cmd_splits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from dmlcore.models import weights as W
+
+    from . import weights as sw
+
+    console = _console()
+    if args.weights_command == "fetch":
+        path, downloaded = sw.fetch(args.backbone, progress=True, force=args.force)
+        console.print(f"{args.backbone}: {'downloaded to' if downloaded else 'already present and intact:'} {path}", soft_wrap=True)
+        return 0
+    table = Table(title=f"ImageNet weights in {W.checkpoint_dir()} (model.pretrained: imagenet)", title_justify="left")
+    for col in ("backbone", "state", "file", "accepted files"):
+        table.add_column(col, overflow="fold")
+    for row in W.status():
+        style = {"ok": "green", "missing": "yellow", "bad": "red"}[row["state"]]
+        detail = row["path"] or f"fix: sweeper weights fetch {row['backbone']}"
+        if row["state"] == "bad":
+            detail = row["detail"]
+        names = ", ".join(wf.filename for wf in W.CATALOGUE[row["backbone"]])
+        table.add_row(row["backbone"], f"[{style}]{row['state']}[/{style}]", escape(detail), names)
+    console.print(table)
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -475,6 +511,7 @@ def _quiet_logs() -> None:
 COMMANDS = {
     "train": cmd_train, "show": cmd_show, "run": cmd_run, "analyze": cmd_analyze,
     "list": cmd_list, "keys": cmd_keys, "ui": cmd_ui, "splits": cmd_splits,
+    "weights": cmd_weights,
 }
 
 

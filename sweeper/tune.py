@@ -526,9 +526,16 @@ def run_study(
             soft_wrap=True,
         )
 
+    # --- ImageNet weights: checked here before Ray starts, and on every trial node of a cluster
+    from .weights import check_study
+
+    if not address:
+        check_study(study)
     # --- Ray (local, or join a cluster)
     _quiet_tune(verbose)
     started_ray = _init_ray(address, num_cpus, verbose)
+    if address:
+        check_study(study, on_nodes=True)
 
     # --- the MLflow parent run
     tracker = tracking.Tracker(uri)

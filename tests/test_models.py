@@ -126,8 +126,13 @@ def test_head_extra_loss_reaches_model():
     assert isinstance(extra, torch.Tensor) and extra.requires_grad
 
 
-def test_freeze_bn_keeps_running_stats_and_freezes_affine():
-    cfg = ModelConfig(backbone="small_cnn", backbone_params={"width": 8}, head="mlp", head_params={"hidden": 8}, freeze_bn=True)
+def test_freeze_bn_keeps_running_stats_and_trains_affine(tmp_path):
+    # frozen BN statistics need weights to freeze (model.pretrained); here a saved small_cnn
+    src, _ = registry.build("backbone", "small_cnn", {"width": 8})
+    weights = tmp_path / "small.pth"
+    torch.save(src.state_dict(), weights)
+    cfg = ModelConfig(backbone="small_cnn", backbone_params={"width": 8}, head="mlp", head_params={"hidden": 8},
+                      freeze_bn=True, pretrained=str(weights))
     model = build_model(cfg).train()
     bns = _bns(model.backbone)
     assert bns
@@ -137,14 +142,15 @@ def test_freeze_bn_keeps_running_stats_and_freezes_affine():
     for b, (mean, var) in zip(bns, before):
         assert not b.training
         assert torch.equal(b.running_mean, mean) and torch.equal(b.running_var, var)
-        assert not b.weight.requires_grad and not b.bias.requires_grad and b.weight.grad is None
+        # gamma/beta still train, as the reference's resnet50_frozen (only the statistics are frozen)
+        assert b.weight.requires_grad and b.bias.requires_grad and b.weight.grad is not None
     # everything else still trains
     assert model.training and model.head.training
     assert all(p.requires_grad for p in model.head.parameters())
     convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.weight.grad is not None for c in convs)
     # control: without freeze_bn the same forward moves the running statistics
-    free = build_model(cfg.model_copy(update={"freeze_bn": False})).train()
+    free = build_model(ModelConfig(**{**cfg.model_dump(), "freeze_bn": False})).train()
     b0 = _bns(free.backbone)[0]
     m0 = b0.running_mean.clone()
     free(torch.randn(4, 3, 16, 16) * 3 + 1)

@@ -137,16 +137,37 @@ def uniformity(emb: Any, t: float = 2.0, chunk_size: int | None = None) -> float
     return float(np.log(total / (n * (n - 1.0))))
 
 
-def embedding_space_metrics(emb: Any, labels: Any, rho_m: int = 2) -> dict[str, float]:
-    """``{"pi_intra", "pi_inter", "pi_ratio", "rho_spectrum", "uniformity"}`` of one embedding matrix."""
+def rho_name(m: int) -> str:
+    """Metric name of ``rho_spectrum@m`` (MLflow forbids "@"): ``rho_spectrum_at_1``, ``..._at_neg1``."""
+    return f"rho_spectrum_at_{m}" if m >= 0 else f"rho_spectrum_at_neg{-m}"
+
+
+def embedding_space_metrics(
+    emb: Any, labels: Any, rho_m: int = 2, rho_at: tuple[int, ...] = (), uniformity_rows: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``{"pi_intra", "pi_inter", "pi_ratio", "rho_spectrum", "uniformity"}`` of one embedding matrix.
+
+    ``rho_spectrum`` is ``rho_spectrum@rho_m``; ``rho_at`` adds ``rho_spectrum_at_{m}`` for each
+    ``m`` (Roth et al.'s README: ``rho_spectrum@1`` is the paper's spectral decay, ``@2`` the
+    robust variant). ``uniformity_rows``: uniformity (O(n^2)) on a seeded uniform sample of
+    that many rows (an estimate of the same pairwise mean), all rows when None.
+    """
     x = check_embeddings(emb, np.float64, min_rows=2)
     y = check_labels(labels, x.shape[0])
     intra = pi_intra(x, y)
     inter = pi_inter(x, y)
-    return {
+    xu = x
+    if uniformity_rows is not None and x.shape[0] > uniformity_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], int(uniformity_rows), replace=False))
+        xu = x[rows]
+    out = {
         "pi_intra": intra,
         "pi_inter": inter,
         "pi_ratio": pi_ratio(intra, inter),
         "rho_spectrum": rho_spectrum(x, rho_m),
-        "uniformity": uniformity(x),
+        "uniformity": uniformity(xu),
     }
+    for m in rho_at:
+        out[rho_name(int(m))] = rho_spectrum(x, int(m))
+    return out

@@ -1,8 +1,10 @@
 """Backbones: ``B x 3 x H x W`` images to a ``B x C x h x w`` feature map.
 
 Each factory returns ``(module, feature_dim)``. Torchvision networks are built with
-``weights=None``; pretrained weights come only from the local file
-``model.pretrained`` (a torchvision state dict; see :mod:`dmlcore.models.pretrained`).
+``weights=None``; pretrained weights come from the local file ``model.pretrained`` (a
+torchvision state dict; see :mod:`dmlcore.models.pretrained`) or, for
+``model.pretrained: imagenet``, from torchvision's original ImageNet (V1) file in the torch
+hub cache (see :mod:`dmlcore.models.weights`; nothing is downloaded here).
 The trunks keep torchvision's attribute names, so torchvision state dicts load as is
 (minus the classifier).
 """
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import register
+from . import weights
 from .pretrained import ModelError, load_pretrained
 
 
@@ -35,6 +38,7 @@ def _resnet(arch: str, pretrained: str | None) -> tuple[nn.Module, int]:
     net = getattr(torchvision.models, arch)(weights=None)
     dim = net.fc.in_features
     trunk = ResNetTrunk(net)
+    pretrained = weights.resolve(arch, pretrained)
     if pretrained:
         load_pretrained(trunk, pretrained, ignore=("fc.",), name=arch)
     return trunk, dim
@@ -93,6 +97,7 @@ def googlenet(transform_input: bool | None = None, pretrained: str | None = None
     import torchvision
 
     net = torchvision.models.GoogLeNet(aux_logits=False, init_weights=True, transform_input=False)
+    pretrained = weights.resolve("googlenet", pretrained)
     if transform_input is None:
         transform_input = bool(pretrained)
     trunk = GoogLeNetTrunk(net, bool(transform_input))
@@ -134,6 +139,7 @@ def small_cnn(width: int = 32, depth: int = 3, pretrained: str | None = None) ->
     if int(depth) != depth or depth < 1:
         raise ModelError(f"small_cnn: depth must be a positive integer, got {depth!r}")
     net = SmallCNN(int(width), int(depth))
+    pretrained = weights.resolve("small_cnn", pretrained)
     if pretrained:
         load_pretrained(net, pretrained, ignore=(), name="small_cnn")
     return net, net.out_dim

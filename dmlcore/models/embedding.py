@@ -20,9 +20,13 @@ __all__ = ["EmbeddingModel", "ModelError", "PretrainedError", "build_model"]
 class EmbeddingModel(nn.Module):
     """``forward(x) -> B x embed_dim`` (unit length when ``normalize``).
 
-    ``freeze_bn``: every BatchNorm layer of the *backbone* stays in eval mode (running
-    statistics untouched) even after ``model.train()``, and its affine parameters do
-    not require gradients. Head BatchNorm layers, if any, train normally.
+    ``freeze_bn``: every BatchNorm layer of the *backbone* stays in eval mode even after
+    ``model.train()``: it normalises with its (pretrained) running statistics and never
+    updates them. Its affine parameters gamma/beta still train, as in the reference's
+    ``resnet50_frozen`` (``architectures/resnet50.py:21-24`` of
+    Confusezius/Revisiting_Deep_Metric_Learning_PyTorch: ``module.eval()`` and a no-op
+    ``module.train``, while ``model.parameters()`` with gamma/beta goes to the optimiser,
+    ``main.py:105-106``). Head BatchNorm layers, if any, train normally.
     """
 
     def __init__(
@@ -41,10 +45,6 @@ class EmbeddingModel(nn.Module):
         self.freeze_bn = bool(freeze_bn)
         self.feature_dim = feature_dim
         self.embed_dim = embed_dim
-        if self.freeze_bn:
-            for m in self._backbone_bns():
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(False)
         self.train(self.training)
 
     def _backbone_bns(self) -> list[nn.Module]:

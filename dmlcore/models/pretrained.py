@@ -92,6 +92,14 @@ def load_pretrained(
         if k in state and state[k].shape != own[k].shape
     ]
     problems = []
+    first = next(
+        (f"'{k}' (missing from the file)" if k not in state else f"'{k}' (file {list(state[k].shape)} vs model {list(own[k].shape)})"
+         for k in own
+         if (k not in state and not k.endswith("num_batches_tracked")) or (k in state and state[k].shape != own[k].shape)),
+        f"'{unexpected[0]}' (not in the model)" if unexpected else None,
+    )
+    if first:
+        problems.append(f"first mismatching tensor {first}")
     if missing:
         problems.append(f"missing keys: {_first(missing)}")
     if unexpected:
