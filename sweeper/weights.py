@@ -88,8 +88,12 @@ def trial_nodes(cpu: float = 0.0, gpu: float = 0.0) -> list[dict[str, Any]]:
 
 
 def node_problems(backbones: list[str], cpu: float = 0.0, gpu: float = 0.0,
-                  checksum: bool | None = None, timeout_s: float = NODE_CHECK_TIMEOUT_S) -> list[str]:
-    """One line per node that may run a trial and lacks (or has a bad copy of) a weight file."""
+                  checksum: bool | None = None, timeout_s: float = NODE_CHECK_TIMEOUT_S,
+                  runtime_env: dict | None = None) -> list[str]:
+    """One line per node that may run a trial and lacks (or has a bad copy of) a weight file.
+
+    ``runtime_env``: for the check tasks only (tests point ``TORCH_HOME`` somewhere).
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -101,10 +105,11 @@ def node_problems(backbones: list[str], cpu: float = 0.0, gpu: float = 0.0,
     if not nodes:
         return [f"no alive Ray node can run a trial ({cpu:g} CPU, {gpu:g} GPU) to hold the weights of {', '.join(backbones)}"]
     task = ray.remote(num_cpus=0)(_node_report)
+    extra = {"runtime_env": runtime_env} if runtime_env else {}
     refs = {
-        n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            backbones, checksum
-        )
+        n["NodeID"]: task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False), **extra
+        ).remote(backbones, checksum)
         for n in nodes
     }
     out = []
