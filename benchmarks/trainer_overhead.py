@@ -7,6 +7,11 @@ normalised dataset as one tensor on the device, indexed per batch, forward, loss
 backward, step. Only training steps are timed (no evaluation).
 
     python benchmarks/trainer_overhead.py [--dataset glyphs] [--image-size 32] [--epochs 3]
+    python benchmarks/trainer_overhead.py --backbone resnet50 --pretrained imagenet --image-size 32 --batch 16
+
+``--pretrained imagenet`` loads the backbone's ImageNet file from the torch hub cache and
+freezes the BatchNorm statistics (the Roth et al. pipeline); without the real file a
+stand-in with the same keys and shapes is written to a temporary TORCH_HOME (same cost).
 
 Prints images/s of each and the ratio dmlcore / baseline (goal: >= 0.95).
 """
@@ -28,8 +33,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--pretrained", default=None, help="'imagenet' or a weight file; freezes the BN statistics")
     ap.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for the dmlcore run")
     args = ap.parse_args()
+    if args.pretrained == "imagenet":
+        import os
+        import tempfile
+
+        from dmlcore.models import weights as W
+
+        if W.find(args.backbone) is None:  # no real file: a stand-in in a temporary TORCH_HOME
+            os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="dml_torch_home_")
+            W.write_stand_in(args.backbone)
+            print(f"weights: stand-in {W.find(args.backbone)} (random tensors, published keys and shapes)")
+        else:
+            print(f"weights: {W.find(args.backbone)}")
 
     from dmlcore.config import load_config, parse_overrides
     from dmlcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -46,6 +64,7 @@ def main() -> None:
         "optim.lr": 1e-3,
         "train.epochs": args.epochs,
         "train.device": args.device,
+        **({"model.pretrained": args.pretrained, "model.freeze_bn": True} if args.pretrained else {}),
         **parse_overrides(args.set),
     }
     cfg = load_config(None, over)
@@ -97,7 +116,8 @@ def main() -> None:
 
     ips_dml, ips_base = n_img / t_dml, n_img / t_base
     print(f"machine: {platform.machine()} {torch.get_num_threads()} threads, device {dev}, torch {torch.__version__}")
-    print(f"workload: {args.dataset} {args.image_size}px, {args.backbone}, batch {cfg.batch.size}, "
+    print(f"workload: {args.dataset} {args.image_size}px, {args.backbone}"
+          f"{' (' + str(args.pretrained) + ', frozen BN statistics)' if args.pretrained else ''}, batch {cfg.batch.size}, "
           f"{steps} steps x {args.epochs} epochs")
     print(f"{'':24}{'images/s':>12}{'seconds':>10}")
     print(f"{'baseline (hand loop)':24}{ips_base:>12.0f}{t_base:>10.2f}")
