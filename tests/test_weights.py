@@ -202,3 +202,35 @@ def test_roth_studies_at_full_size_use_imagenet_and_pass_the_weights_check(torch
         W.write_stand_in(b, torch_home)
     for name, study in studies.items():
         SW.check_study(study)
+
+
+def test_weights_fetch_and_list_without_network(torch_home, monkeypatch, capsys):
+    """`sweeper weights fetch` calls torch's downloader once (progress bar, sha256 prefix); never the network here."""
+    import urllib.error
+
+    calls = []
+
+    def unreachable(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, dst, hash_prefix, progress))
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    rc = cli_main(["weights", "fetch", "resnet18"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in err
+    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                      str(torch_home / "resnet18-f37072fd.pth"), "f37072fd", True)]
+
+    def stand_in(url, dst, hash_prefix=None, progress=True):
+        _fake_resnet18(Path(dst).parent, Path(dst).name)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", stand_in)
+    monkeypatch.setenv("DMLCORE_WEIGHTS_CHECKSUM", "0")
+    assert cli_main(["weights", "fetch", "resnet18"]) == 0
+    assert "downloaded to" in capsys.readouterr().out
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    assert cli_main(["weights", "fetch", "resnet18"]) == 0  # present: nothing downloaded again
+    assert "already present" in capsys.readouterr().out and len(calls) == 1
+    assert cli_main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out and "ok" in out and "missing" in out  # resnet50 / googlenet are not there
