@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -20,7 +19,7 @@ from dmlcore import registry
 from dmlcore.config import ConfigError, load_config
 from dmlcore.models import weights as W
 from dmlcore.models.pretrained import PretrainedError
-from dmlcore.train import ListReporter, Trainer
+from dmlcore.train import Trainer
 from sweeper import weights as SW
 from sweeper.cli import main as cli_main
 from sweeper.study import load_study
