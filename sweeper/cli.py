@@ -199,6 +199,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"storage   {storage_root(study.name, args.storage)}", soft_wrap=True)
         console.print(f"tracking  {tracking.redact_uri(uri)}", soft_wrap=True)
         console.print(f"ray       {args.address or 'local'}" + (f" (num_cpus={args.num_cpus})" if args.num_cpus else ""))
+        from .weights import local_problems, needed_backbones, study_configs
+
+        needed = needed_backbones(study_configs(study))
+        if needed:
+            problems = local_problems(needed)
+            state = "[green]present[/green]" if not problems else f"[yellow]{escape(problems[0])}[/yellow]"
+            console.print(f"weights   {', '.join(needed)} (imagenet) on this machine: {state}", soft_wrap=True)
         console.print("[dim]dry run: nothing started[/dim]")
         return 0
     from .tune import run_study
