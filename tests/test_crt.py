@@ -322,3 +322,33 @@ def test_trainer_runs_with_consistency_only_and_no_extra_embedding():
     })  # fmt: skip
     res = Trainer(cfg, progress=False).fit()
     assert "train/loss_crt_aux" not in res.final and math.isfinite(res.final["train/loss"])
+
+
+def test_crt_study_is_the_fair_pipeline_with_the_paper_arms_and_a_cpu_quick_variant():
+    from pathlib import Path
+
+    from sweeper.study import load_study
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "crt.yaml"
+    full, quick = load_study(path), load_study(path, quick=True)
+    assert (full.size, quick.size) == (6 * 3 * 5, 5)
+    b = full.base
+    assert (b.model.backbone, b.model.pretrained, b.model.freeze_bn, b.model.embed_dim) == ("resnet50", "imagenet", True, 128)
+    assert (b.loss.name, b.loss.params, b.miner.name) == ("multi_similarity", {"alpha": 2.0, "beta": 40.0, "base": 0.5}, "multi_similarity")
+    assert (b.optim.name, b.optim.lr, b.optim.weight_decay, b.optim.scheduler) == ("adam", 1e-5, 4e-4, "none")
+    assert b.train.amp is False and b.eval.every == 1 and b.eval.embedding_metrics
+    assert b.data.augmentation_params == {"scale_min": 0.08} and b.eval.select_on == "val"
+    assert {t.config.data.dataset for t in full.trials} == {"cub200", "cars196", "sop"}
+    arms = {(t.config.model.head, str(sorted(t.config.model.head_params.items()))) for t in full.trials}
+    assert len(arms) == 6
+    ks = sorted(t.config.model.head_params.get("prototypes") for t in full.trials
+                if t.config.model.head_params.get("aux_prototypes") and t.config.train.seed == 0 and t.config.data.dataset == "sop")  # fmt: skip
+    assert ks == [8, 16, 32, 64]  # CRT + consistency and its K sweep
+    for t in quick.trials:  # CPU minutes, no weights
+        c = t.config
+        assert c.data.dataset == "digits" and c.model.pretrained is None and not c.model.freeze_bn
+        assert c.train.epochs <= 2 and quick.spec.resources.gpu == 0
+    heads = {(c.model.head, str(sorted(c.model.head_params.items()))): c for c in (t.config for t in [*quick.trials, *full.trials])}
+    assert len(heads) == 6 + 5
+    for c in heads.values():  # every arm's head builds with its parameters
+        registry.build("head", c.model.head, c.model.head_params, in_dim=16, embed_dim=c.model.embed_dim)
