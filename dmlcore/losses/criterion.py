@@ -1,8 +1,10 @@
 """The training criterion: miner, then loss, plus weighted regularisers.
 
 ``build_criterion(cfg, num_classes)`` builds it from ``cfg.loss`` and ``cfg.miner``.
-``criterion(embeddings, labels, **batch_context) -> (loss, logs)``. The trainer adds
-``model.head_loss()`` itself and handles non-finite losses.
+``criterion(embeddings, labels, **batch_context) -> (loss, logs)``; a head's extra
+embeddings (e.g. the auxiliary CRT) come as ``extra_embeddings={name: (emb, weight)}``
+and get the same miner, loss and labels. The trainer adds ``model.head_loss()`` itself
+and handles non-finite losses.
 
 Learning rate of the criterion's own parameters (proxies, class weights, learned
 margin betas): ``loss.lr`` if set, else ``optim.lr * optim.loss_lr_mult``
