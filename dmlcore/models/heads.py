@@ -6,7 +6,8 @@ features, e.g. a Coded Residual Transform head) and may expose
 ``extra_loss() -> Tensor | None``: an extra training term (e.g. a consistency loss)
 computed during its last forward; :meth:`EmbeddingModel.head_loss` returns it and the
 trainer adds it to the loss. ``extra_embeddings()`` (see :class:`Head`) hands further
-embeddings to the criterion with the labels (:meth:`EmbeddingModel.head_embeddings`). New heads are one new file in this package.
+embeddings to the criterion with the labels (:meth:`EmbeddingModel.head_embeddings`).
+New heads are one new file in this package.
 """
 
 from __future__ import annotations
