@@ -352,3 +352,15 @@ def test_crt_study_is_the_fair_pipeline_with_the_paper_arms_and_a_cpu_quick_vari
     assert len(heads) == 6 + 5 - 1  # the linear arm is the same in both
     for c in heads.values():  # every arm's head builds with its parameters
         registry.build("head", c.model.head, c.model.head_params, in_dim=16, embed_dim=c.model.embed_dim)
+
+
+def test_residuals_differ_from_attention_pooling_unless_the_anchor_is_zero():
+    # x_1 = (1,0), x_2 = (0,1), p = (1,0), dot weights, softmax over positions at tau 1: a = (e, 1)/(e+1).
+    # Attention pooling (original values, sum_j a_j x_j) = (e, 1)/(e+1); the residual to p subtracts p.
+    e = math.e
+    x = _fmap([1.0, 0.0], [0.0, 1.0])
+    t = _crt([[1.0, 0.0]], residual="proj", weights="dot", softmax_over="positions", temperature=1.0, aggregate="sum")
+    assert torch.allclose(t.coded_residuals(x), torch.tensor([[[-1 / (e + 1), 1 / (e + 1)]]]))  # W = I: x_j - p
+    with torch.no_grad():
+        t.proj.weight.zero_()  # anchor W p = 0: CRT degenerates to attention pooling
+    assert torch.allclose(t.coded_residuals(x), torch.tensor([[[e / (e + 1), 1 / (e + 1)]]]))
