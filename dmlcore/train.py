@@ -211,6 +211,8 @@ class Trainer:
             self.criterion.to(self.device)
         if hasattr(self.criterion, "tensor_logs"):
             self.criterion.tensor_logs = True  # per-step logs stay on the device
+        if hasattr(self.criterion, "check_extra_embeddings"):  # e.g. the auxiliary CRT's embedding
+            self.criterion.check_extra_embeddings(getattr(self.model, "extra_embedding_dims", dict)())
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "name": "model"}]
         loss_params = [p for p in self.criterion.parameters() if p.requires_grad]
         if loss_params:
@@ -338,7 +340,11 @@ class Trainer:
             y = y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 emb = self.step_model(x)
-            loss, logs = self.criterion(emb.float(), y, images=x)
+            extras = self.model.head_embeddings() if hasattr(self.model, "head_embeddings") else None
+            if extras:  # the head's extra embeddings (e.g. the auxiliary CRT) get the metric loss too
+                loss, logs = self.criterion(emb.float(), y, extra_embeddings=extras, images=x)
+            else:
+                loss, logs = self.criterion(emb.float(), y, images=x)
             extra = self.model.head_loss() if hasattr(self.model, "head_loss") else None
             if extra is not None:
                 loss = loss + extra

@@ -1,8 +1,10 @@
 """The training criterion: miner, then loss, plus weighted regularisers.
 
 ``build_criterion(cfg, num_classes)`` builds it from ``cfg.loss`` and ``cfg.miner``.
-``criterion(embeddings, labels, **batch_context) -> (loss, logs)``. The trainer adds
-``model.head_loss()`` itself and handles non-finite losses.
+``criterion(embeddings, labels, **batch_context) -> (loss, logs)``; a head's extra
+embeddings (e.g. the auxiliary CRT) come as ``extra_embeddings={name: (emb, weight)}``
+and get the same miner, loss and labels. The trainer adds ``model.head_loss()`` itself
+and handles non-finite losses.
 
 Learning rate of the criterion's own parameters (proxies, class weights, learned
 margin betas): ``loss.lr`` if set, else ``optim.lr * optim.loss_lr_mult``
@@ -41,6 +43,11 @@ class Criterion(nn.Module):
     (each regulariser, unweighted), the miner's tuple counts (``miner_triplets`` or
     ``miner_pos_pairs``/``miner_neg_pairs``) and miner statistics, and ``margin_beta``
     (mean learned beta) for the margin loss.
+
+    ``extra_embeddings`` ``{name: (embedding, weight)}`` (e.g. a head's auxiliary branch,
+    :meth:`~dmlcore.models.embedding.EmbeddingModel.head_embeddings`): each goes through
+    the same miner and loss with the same labels; ``weight * loss`` is added and the loss
+    is logged as ``loss_<name>``. Regularisers see the main embedding only.
     """
 
     def __init__(
@@ -61,6 +68,8 @@ class Criterion(nn.Module):
             if isinstance(reg, nn.Module):
                 self.add_module(f"reg_{name}", reg)
         self.lr = lr
+        self.embed_dim: int | None = None
+        """Width of the main embedding (set by :func:`build_criterion`; see :meth:`check_extra_embeddings`)."""
         self.tensor_logs = False
         """When True, ``logs`` values are detached 0-d tensors (no host sync per step; the
         trainer sums them on the device and converts once per epoch)."""
@@ -69,7 +78,13 @@ class Criterion(nn.Module):
         v = value.detach()
         return v if self.tensor_logs else float(v)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, **batch_context: Any) -> tuple[Tensor, dict[str, float]]:
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        extra_embeddings: Mapping[str, tuple[Tensor, float]] | None = None,
+        **batch_context: Any,
+    ) -> tuple[Tensor, dict[str, float]]:
         labels = labels.long()
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         main = self.loss(embeddings, labels, indices)
@@ -86,7 +101,31 @@ class Criterion(nn.Module):
         beta = getattr(self.loss, "beta", None)
         if isinstance(beta, nn.Parameter):
             logs["margin_beta"] = self._log(beta.mean())
+        for name, (emb, weight) in (extra_embeddings or {}).items():
+            emb = emb.float()
+            term = self.loss(emb, labels, self.miner(emb, labels) if self.miner is not None else None)
+            total = total + float(weight) * term
+            logs[f"loss_{name}"] = self._log(term)
         return total, logs
+
+    def check_extra_embeddings(self, dims: Mapping[str, int]) -> None:
+        """Refuse extra embeddings (name -> width) that the loss's own parameters cannot score.
+
+        A loss parameter with an axis of the main embedding's width (proxies, class
+        weights) fits no other width; parameters of other shapes (e.g. the margin loss's
+        beta) are shared by every embedding the criterion scores.
+        """
+        if not dims or self.embed_dim is None:
+            return
+        sized = [p for p in self.loss.parameters() if self.embed_dim in p.shape]
+        wrong = {k: d for k, d in dims.items() if d != self.embed_dim}
+        if sized and wrong:
+            raise ConfigError(
+                f"loss.name: '{type(self.loss).__name__}' has parameters of the embedding's width "
+                f"{self.embed_dim} (proxies / class weights) and cannot also score the head's "
+                + ", ".join(f"{k} ({d}-d)" for k, d in wrong.items())
+                + " embedding; use a pair or tuple loss, or turn it off (crt: model.head_params.aux_metric_weight: 0)"
+            )
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """Trainable parameters: the loss's (proxies, W, beta), the miner's and regularisers'.
@@ -141,7 +180,9 @@ def build_criterion(cfg: RunConfig, num_classes: int) -> Criterion:
             num_classes=int(num_classes), embed_dim=embed_dim,
         )  # fmt: skip
         regs[name] = (float(weight), reg)
-    return Criterion(loss, miner, regs, lr=loss_lr(cfg))
+    crit = Criterion(loss, miner, regs, lr=loss_lr(cfg))
+    crit.embed_dim = int(embed_dim)
+    return crit
 
 
 __all__ = ["Criterion", "build_criterion", "loss_lr"]

@@ -23,7 +23,8 @@ def similarity_discrepancy(
     """Discrepancy between the batch cosine-similarity matrices ``S = E E^T`` of embeddings
     ``a`` and ``b`` (rows: the same samples; L2-normalised here, so it is scale-free).
 
-    ``mse``: mean squared difference of the off-diagonal similarities. ``kl``: with
+    ``mse``: mean squared difference of the off-diagonal similarities (``l1``: mean
+    absolute difference). ``kl``: with
     ``P = softmax_row(S / temperature)`` over the other samples of the batch, the mean over
     rows of ``KL(P_b || P_a)``; ``symmetric``: the mean of both directions. 0 for fewer
     than two samples.
@@ -36,8 +37,10 @@ def similarity_discrepancy(
     eye = torch.eye(n, dtype=torch.bool, device=sa.device)
     if mode == "mse":
         return ((sa - sb)[~eye] ** 2).mean()
+    if mode == "l1":
+        return (sa - sb)[~eye].abs().mean()
     if mode != "kl":
-        raise ValueError(f"mode must be 'kl' or 'mse', got {mode!r}")
+        raise ValueError(f"mode must be 'kl', 'mse' or 'l1', got {mode!r}")
     la, lb = _row_log_softmax(sa, eye, temperature), _row_log_softmax(sb, eye, temperature)
     kl_b_a = (lb.exp() * (lb - la)).sum(1)
     if not symmetric:

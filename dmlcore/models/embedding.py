@@ -73,6 +73,19 @@ class EmbeddingModel(nn.Module):
         fn = getattr(self.head, "extra_loss", None)
         return fn() if callable(fn) else None
 
+    def head_embeddings(self) -> dict[str, tuple[Tensor, float]]:
+        """The head's extra embeddings of its last training forward for the criterion,
+        ``{name: (embedding, weight)}`` (L2-normalised like the output when ``normalize``)."""
+        fn = getattr(self.head, "extra_embeddings", None)
+        out = fn() if callable(fn) else {}
+        if self.normalize:
+            out = {k: (F.normalize(e, p=2, dim=1), w) for k, (e, w) in out.items()}
+        return out
+
+    def extra_embedding_dims(self) -> dict[str, int]:
+        """``{name: width}`` of the extra embeddings the head hands to the criterion (:meth:`head_embeddings`)."""
+        return dict(getattr(self.head, "supervised_extras", {}))
+
 
 def _build(kind: str, name: str, params: dict, name_key: str, params_key: str, **context):
     registry.get(kind, name, key=name_key)  # unknown name: "did you mean" error naming name_key

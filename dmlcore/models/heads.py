@@ -5,7 +5,9 @@ A head is an ``nn.Module`` built by a ``head`` registry factory with context
 features, e.g. a Coded Residual Transform head) and may expose
 ``extra_loss() -> Tensor | None``: an extra training term (e.g. a consistency loss)
 computed during its last forward; :meth:`EmbeddingModel.head_loss` returns it and the
-trainer adds it to the loss. New heads are one new file in this package.
+trainer adds it to the loss. ``extra_embeddings()`` (see :class:`Head`) hands further
+embeddings to the criterion with the labels (:meth:`EmbeddingModel.head_embeddings`).
+New heads are one new file in this package.
 """
 
 from __future__ import annotations
@@ -41,10 +43,21 @@ def _check_pool(pool: str) -> str:
 
 
 class Head(nn.Module):
-    """Base class of heads: ``forward(feature_map) -> B x embed_dim``; no extra loss."""
+    """Base class of heads: ``forward(feature_map) -> B x embed_dim``; no extra loss.
+
+    A head may also hand extra embeddings of its last training forward to the criterion
+    (which applies its miner and loss to each with the batch labels): it declares them in
+    ``supervised_extras`` (``{name: width}``) and returns ``{name: (B x width embedding,
+    weight)}`` from ``extra_embeddings()`` (e.g. the auxiliary CRT).
+    """
+
+    supervised_extras: dict[str, int] = {}
 
     def extra_loss(self) -> Tensor | None:
         return None
+
+    def extra_embeddings(self) -> dict[str, tuple[Tensor, float]]:
+        return {}
 
 
 class LinearHead(Head):
