@@ -464,6 +464,8 @@ class Trainer:
                         )
                     if key is None or not best or ev[key] > best.get(key, -math.inf):
                         best, best_epoch = dict(ev), epoch
+                        if cfg.eval.few_shot is not None:  # few-shot adapts the selected checkpoint
+                            self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
                 history.append(metrics)
                 last = epoch == epochs
                 if last:
