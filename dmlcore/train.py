@@ -421,6 +421,7 @@ class Trainer:
             out.update({f"train/{k}": float(v) for k, v in metrics.items()})
         if "fid" in self.data.info:  # an ooDML split: its train/test shift
             out["data/fid"] = float(self.data.info["fid"])
+            out["data/fid_published"] = 1.0 if self.data.info.get("published") else 0.0
         out["time/eval_s"] = time.perf_counter() - t0
         return out
 

@@ -271,7 +271,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         tracker = tracking.Tracker(args.tracking_uri)
         exp = tracker.experiment_id(args.experiment or cfg.name)
-        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, tracking.single_run_tags())
+        from dmlcore.oodml.published import split_tags
+
+        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, {**tracking.single_run_tags(), **split_tags(cfg)})
         console.print(f"[dim]MLflow run {logger.run_id} at {tracking.redact_uri(tracker.uri)}[/dim]", soft_wrap=True)
     reporter = _TrainReporter(logger, args.checkpoint)
     from .tracking import recording
@@ -442,15 +444,13 @@ def cmd_splits(args: argparse.Namespace) -> int:
         return cmd_splits_import(args)
     if args.file is not None:
         raise UserError(f"sweeper splits {args.dataset}: unexpected argument {args.file!r} (did you mean 'sweeper splits import FILE'?)")
-    from dmlcore.oodml.splits import RANDOM_WARNING, make_splits
+    from dmlcore.oodml.splits import make_splits
 
     console = _console()
     out = Path(args.out or f"{Path(args.dataset).stem}_oodml.json")
     doc = make_splits(args.dataset, n=args.n, encoder=args.encoder, out=out, root=args.root,
                       image_size=args.image_size, device=args.device, seed=args.seed, ids=args.ids,
                       pretrained=args.pretrained)  # fmt: skip
-    if "warning" in doc:
-        _err_console().print(f"[bold yellow]warning:[/] {escape(RANDOM_WARNING)}")
     table = Table(title=f"{doc['dataset']}: {len(doc['splits'])} ooDML splits -> {out}", title_justify="left")
     for col in ("index", "name", "FID", "train classes", "test classes"):
         table.add_column(col, justify="right" if col != "name" else "left")

@@ -491,11 +491,24 @@ def select_entry(spec: str) -> tuple[Path, dict[str, Any], dict[str, Any], str]:
     return path, doc, splits[index], str(index)
 
 
+_SPLIT_FILES: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
 def read_split_file(path: str | Path) -> dict[str, Any]:
-    """The validated content of an ooDML split file."""
+    """The validated content of an ooDML split file (cached by path and mtime; read-only)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data.split: split file {p} does not exist")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _SPLIT_FILES:
+        if len(_SPLIT_FILES) > 16:
+            _SPLIT_FILES.clear()
+        _SPLIT_FILES[key] = _read_split_file(p)
+    return _SPLIT_FILES[key]
+
+
+def _read_split_file(p: Path) -> dict[str, Any]:
     try:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as err:
@@ -509,6 +522,10 @@ def read_split_file(path: str | Path) -> dict[str, Any]:
             s.get("test_classes"), list
         ):
             raise DataError(f"data.split: {p} split {k} must be an object with 'train_classes' and 'test_classes' lists")
+    from dmlcore.oodml.published import is_published, validate_document
+
+    if is_published(doc):
+        validate_document(doc, str(p))
     return doc
 
 

@@ -65,7 +65,7 @@ import numpy as np
 __all__ = [
     "PublishedSplitError", "RestrictedUnpickler", "safe_load_pickle", "read_published", "convert_published",
     "import_split_file", "published_class_index", "resolve_episodes", "check_split", "is_published",
-    "FORMAT", "guess_dataset",
+    "FORMAT", "guess_dataset", "validate_document", "split_tags", "did_you_mean",
 ]  # fmt: skip
 
 FORMAT = "oodml-published"
@@ -379,8 +379,12 @@ _SOURCE_CACHE: dict[Any, Any] = {}
 def _source_for(cfg: Any) -> Any:
     from ..data.base import build_source
 
-    key = (cfg.data.dataset, cfg.data.root, json.dumps(cfg.data.params, sort_keys=True, default=str), cfg.data.image_size)
+    root = cfg.data.root
+    stamp = os.stat(os.path.expanduser(root)).st_mtime_ns if root and os.path.exists(os.path.expanduser(root)) else None
+    key = (cfg.data.dataset, root, stamp, json.dumps(cfg.data.params, sort_keys=True, default=str), cfg.data.image_size)
     if key not in _SOURCE_CACHE:
+        if len(_SOURCE_CACHE) > 8:
+            _SOURCE_CACHE.clear()
         _SOURCE_CACHE[key] = build_source(cfg)
     return _SOURCE_CACHE[key]
 
@@ -393,7 +397,7 @@ def check_split(cfg: Any, strict: bool = True) -> None:
     that cannot be read here (a cluster-only ``data.root``), is left to the preflight and the
     trainer; everything that can be checked is. ``strict=True`` (the driver's preflight):
     both are errors too."""
-    from ..data.base import DataError, load_split, parse_split_spec
+    from ..data.base import DataError, load_split, parse_split_spec, select_entry
 
     spec = cfg.data.split
     if spec == "standard":
@@ -411,11 +415,64 @@ def check_split(cfg: Any, strict: bool = True) -> None:
     except DataError:
         if strict:
             raise
-        from ..data.base import select_entry
-
         select_entry(spec)  # the id still has to exist
         return
     split, extra = load_split(spec, source)
     eps = extra.get("episodes")
-    if eps:
-        resolve_episodes(eps, source, split.test_classes, f"data.split: {path} split '{extra.get('id', '')}'")
+    fs = cfg.eval.few_shot
+    if eps and fs is not None and fs.episode_source != "random":  # as build_data resolves them
+        resolve_episodes(eps, source, split.test_classes, f"data.split: {spec}")
+    if fs is not None and fs.episode_source == "published":
+        missing = [k for k in fs.shots if str(k) not in (eps or {})]
+        if missing:
+            raise DataError(f"data.split: {spec} has no published {missing}-shot episodes (eval.few_shot.episode_source=published)")
+
+
+def validate_document(doc: Mapping[str, Any], where: str) -> None:
+    """Shape of an imported (``format: oodml-published``) split file; one DataError line naming the entry."""
+    from ..data.base import DataError
+
+    for n, s in enumerate(doc["splits"]):
+        at = f"data.split: {where} split {n}"
+        if not isinstance(s.get("id"), str) or not s["id"]:
+            raise DataError(f"{at} has no 'id' (a string)")
+        at = f"data.split: {where} split '{s['id']}'"
+        fid = s.get("fid")
+        if isinstance(fid, bool) or not isinstance(fid, (int, float)):
+            raise DataError(f"{at}: 'fid' must be a number, got {fid!r}")
+        vs = s.get("val_split")
+        if vs is not None and not (isinstance(vs, Mapping) and isinstance(vs.get("train"), list) and isinstance(vs.get("val"), list)):
+            raise DataError(f"{at}: 'val_split' must be {{train: [...], val: [...]}}")
+        eps = s.get("episodes")
+        if eps is None:
+            continue
+        if not isinstance(eps, Mapping):
+            raise DataError(f"{at}: 'episodes' must map a shot count to a list of episodes")
+        for k, per in eps.items():
+            if not str(k).isdigit() or not isinstance(per, list):
+                raise DataError(f"{at}: episodes[{k!r}] must be a list of episodes under a shot count")
+            for e, ep in enumerate(per):
+                ok = isinstance(ep, Mapping) and (
+                    (isinstance(ep.get("support"), Mapping) and all(isinstance(v, list) for v in ep["support"].values()))
+                    or isinstance(ep.get("support_classes"), list)
+                )
+                if not ok:
+                    raise DataError(f"{at}: episodes[{k}][{e}] must be {{support: {{class: [file | position]}}}} or {{support_classes: [...]}}")
+                for c, items in (ep.get("support") or {}).items():
+                    for x in items:
+                        if isinstance(x, bool) or not isinstance(x, (str, int)) or (isinstance(x, int) and x < 0):
+                            raise DataError(f"{at}: episodes[{k}][{e}] class {c!r}: support entry {x!r} is neither a file name nor a position >= 0")
+    ids = [s["id"] for s in doc["splits"]]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataError(f"data.split: {where} repeats split ids {dup}")
+
+
+def split_tags(cfg: Any) -> dict[str, str]:
+    """Run tags naming the ooDML split of ``cfg`` (no file access): ``split_id``, ``split_file``.
+    The published FID is reported as the metric ``data/fid``."""
+    spec = str(cfg.data.split)
+    if spec == "standard" or "#" not in spec:
+        return {}
+    path, _, key = spec.rpartition("#")
+    return {"split_id": key, "split_file": path}
