@@ -1,27 +1,29 @@
 """Few-shot DML (Milbich et al. 2021, ooDML): adapt a trained model on k labelled samples
 per *test* class, evaluate retrieval on the remaining test samples.
 
-Per shot count k and episode e (seeded by ``(seed, k, e)``):
+Per shot count k and episode e (the split file's published episodes when given, else
+seeded by ``(seed, k, e)``):
 
-* support = k samples of every test class (at most ``n_c - 1``, so every class keeps a
-  query), query = the rest of the test split;
+* support = the published support samples, or k samples of every test class (at most
+  ``n_c - 1``, so every class keeps a query); query = the rest of the test split;
 * zero-shot: metrics of the unadapted model on the query;
-* adapted: a copy of the model is fine-tuned for ``steps`` Adam steps at
-  ``lr_mult x optim.lr`` (default 10x, as the reference) on the support with the margin
-  loss + distance-weighted miner (built through the registries), only the embedding
-  head by default (``whole_net=True``: every parameter), then evaluated on the query.
-  Support images get the run's train augmentation; with k=1 each step shows two
+* adapted: a copy of the model is fine-tuned for ``steps`` (one count or ``{k: steps}``)
+  Adam steps at ``lr_mult x optim.lr`` (default 10x, as the reference) on the support with
+  the margin loss + distance-weighted miner (built through the registries), only the
+  embedding head by default (``whole_net=True``: every parameter), then evaluated on the
+  query. Support images get the run's train augmentation; with k=1 each step shows two
   augmented views of every support image so that positives exist.
 
 Results over episodes: mean and half-width of the 95% Student-t interval for both,
-``fewshot/k{k}/{metric}``, ``fewshot/k{k}/{metric}_ci95``,
-``fewshot/k{k}/zero_shot_{metric}``, ``fewshot/k{k}/zero_shot_{metric}_ci95``, plus
-``fewshot/k{k}/gain_recall_at_1`` (+ ``_ci95``), ``fewshot/k{k}/episodes`` and
-``fewshot/num_classes`` (test classes the episodes were drawn from).
+``fewshot/{k}shot/{metric}``, ``fewshot/{k}shot/{metric}_ci95``,
+``fewshot/{k}shot/zero_shot_{metric}`` (+ ``_ci95``), ``fewshot/{k}shot/gain_recall_at_1``
+(+ ``_ci95``), ``fewshot/{k}shot/episodes``, ``fewshot/{k}shot/steps``,
+``fewshot/{k}shot/published_episodes`` (1 published, 0 seeded random) and
+``fewshot/num_classes``. The trainer hook (:func:`run_after_training`) adapts the
+*selected* checkpoint and adds ``fewshot/selected_epoch``.
 
 The split is the one the test dataset was built from (``data.split``): the episodes are
-drawn from ``test_dataset``'s own labels and nothing else (the reference code's few-shot
-path could read another split than the one configured; here there is no second source).
+drawn from ``test_dataset``'s own labels or come from that split's file, nothing else.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 (Milbich et al., "Characterizing Generalization under Out-Of-Distribution Shifts in
 Deep Metric Learning", NeurIPS 2021).
 
-1. ``class_features``: the mean feature of every class under a fixed encoder (the paper:
-   an ImageNet ResNet50's pooled features; here any backbone, EmbeddingModel or trained
-   checkpoint, since no pretrained weights exist offline).
+1. ``class_features``: the mean feature of every class under a fixed encoder (the paper's
+   and the default: an ImageNet ResNet-50's pooled features, ``model.pretrained:
+   imagenet``; or any backbone, EmbeddingModel or checkpoint; random weights are warned
+   about: their FIDs are meaningless).
 2. Shift of a split = Fréchet distance between the set of train class means and the set
    of test class means (:func:`dmlcore.oodml.fid.fid_between`).
 3. Harder splits by swapping: with ``mu_tr``/``mu_te`` the means of the train/test class
@@ -16,7 +17,8 @@ Deep Metric Learning", NeurIPS 2021).
 4. "R" splits: from the hardest swap split, when a swap no longer raises the FID, the
    proposed classes are *removed* instead (down to ``min_classes`` per side).
 5. ``n`` splits spanning the recorded FID range are selected and returned in order of
-   non-decreasing FID.
+   non-decreasing FID, or the splits named by the authors' ids (``ids="0,6,16,R18"``,
+   :func:`record_id`).
 
 The public reference code (``split_helpers.py`` of the authors' repository) was read to
 confirm the ranking, the 2 swaps per iteration and the 5-swap tabu; differences are listed
