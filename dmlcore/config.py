@@ -148,14 +148,44 @@ class TrainConfig(_Section):
 
 
 class FewShotConfig(_Section):
-    """Few-shot DML (Milbich et al. 2021): adapt on k labelled samples per test class."""
+    """Few-shot DML (Milbich et al. 2021): adapt the selected checkpoint on k labelled samples
+    per test class. Defaults are the paper's (CompVis/Characterizing_Generalization_in_DML
+    ``OOD-Study_FewShot.sh``: ``--finetune_shots 2|5 --finetune_iter 1000|1500
+    --finetune_lr_multi 10 --finetune_only_last --finetune_criterion margin``)."""
 
-    shots: list[int] = Field(default_factory=lambda: [1, 2, 5])
+    shots: list[int] = Field(default_factory=lambda: [2, 5])
     episodes: int = Field(10, ge=1)
-    steps: int = Field(100, ge=1)
+    """Random episodes per shot count (published episodes: all of the split file's, 10 in the authors' files)."""
+    steps: int | dict[int, int] = Field(default_factory=lambda: {2: 1000, 5: 1500})
+    """Adaptation iterations: one count for every shot count, or ``{shots: iterations}``."""
     whole_net: bool = False
     """Fine-tune the whole network instead of the embedding head only."""
     lr_mult: float = Field(10.0, gt=0)
+    episode_source: Literal["auto", "published", "random"] = "auto"
+    """``auto``: the split file's published episodes when it has them for a shot count, else
+    seeded random ones; ``published``: require them; ``random``: always draw."""
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("shots must be a non-empty list of positive integers")
+        return v
+
+    @model_validator(mode="after")
+    def _steps_cover_shots(self) -> "FewShotConfig":
+        if isinstance(self.steps, dict):
+            missing = [k for k in self.shots if k not in self.steps]
+            if missing:
+                raise ValueError(f"steps has no iteration count for {missing} shots; give steps as one number or add them")
+            if any(n < 1 for n in self.steps.values()):
+                raise ValueError("steps must be >= 1")
+        elif self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        return self
+
+    def steps_for(self, k: int) -> int:
+        return int(self.steps[k] if isinstance(self.steps, dict) else self.steps)
 
 
 class EvalConfig(_Section):
@@ -180,7 +210,7 @@ class EvalConfig(_Section):
     on_init: bool = False
     """Also evaluate the untrained model (epoch 0)."""
     few_shot: FewShotConfig | None = None
-    """After training, few-shot episodes on the test classes (``fewshot/k{k}/...`` metrics)."""
+    """After training, few-shot episodes on the test classes (``fewshot/{k}shot/...`` metrics)."""
 
     @field_validator("recall_k")
     @classmethod

@@ -438,6 +438,7 @@ class Trainer:
             out.update({f"train/{k}": float(v) for k, v in metrics.items()})
         if "fid" in self.data.info:  # an ooDML split: its train/test shift
             out["data/fid"] = float(self.data.info["fid"])
+            out["data/fid_published"] = 1.0 if self.data.info.get("published") else 0.0
         out["time/eval_s"] = time.perf_counter() - t0
         return out
 
@@ -481,6 +482,8 @@ class Trainer:
                         )
                     if key is None or not best or ev[key] > best.get(key, -math.inf):
                         best, best_epoch = dict(ev), epoch
+                        if cfg.eval.few_shot is not None:  # few-shot adapts the selected checkpoint
+                            self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
                 history.append(metrics)
                 last = epoch == epochs
                 if last:

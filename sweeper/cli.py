@@ -121,10 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every config key with its default")
     k.add_argument("prefix", nargs="?", help="only keys starting with this, e.g. loss")
 
-    sp = sub.add_parser("splits", help="build ooDML train/test splits of increasing difficulty (FID)")
-    sp.add_argument("dataset", help="a dataset name (e.g. glyphs, cub200) or a run-config YAML")
+    sp = sub.add_parser("splits", help="build ooDML train/test splits of increasing difficulty (FID), or import the authors' split file",
+                        description="sweeper splits DATASET [--n 8 | --ids 0,6,16,R18]  builds splits;  "
+                        "sweeper splits import FILE --out SPLITS.json  converts the ooDML authors' split file (pickle or JSON)")  # fmt: skip
+    sp.add_argument("dataset", help="a dataset name (e.g. glyphs, cub200), a run-config YAML, or 'import'")
+    sp.add_argument("file", nargs="?", help="with 'import': the authors' split file (datasplits/*_splits.pkl or its JSON form)")
+    sp.add_argument("--dataset", dest="import_dataset", help="with 'import': cub200|cars196|sop (default: from the file name)")
     sp.add_argument("--n", type=int, default=8, help="number of splits (default 8)")
-    sp.add_argument("--encoder", help="checkpoint path or backbone name (default: the config's model)")
+    sp.add_argument("--ids", help="the authors' split ids instead of even FID spacing, e.g. 0,6,16,20,30,R18,R42,R66")
+    sp.add_argument("--pretrained", help="encoder weights (default: the paper's ImageNet ResNet-50, 'imagenet')")
+    sp.add_argument("--encoder", help="checkpoint path or backbone name (default: ResNet-50 with ImageNet weights)")
     sp.add_argument("--root", help="data.root of a real dataset")
     sp.add_argument("--image-size", type=int, help="image size fed to the encoder")
     sp.add_argument("--device", default="auto")
@@ -284,7 +290,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         tracker = tracking.Tracker(args.tracking_uri)
         exp = tracker.experiment_id(args.experiment or cfg.name)
-        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, tracking.single_run_tags())
+        from dmlcore.oodml.published import split_tags
+
+        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, {**tracking.single_run_tags(), **split_tags(cfg)})
         console.print(f"[dim]MLflow run {logger.run_id} at {tracking.redact_uri(tracker.uri)}[/dim]", soft_wrap=True)
     reporter = _TrainReporter(logger, args.checkpoint)
     from .tracking import recording
@@ -451,19 +459,47 @@ def ui_command(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
+    if args.dataset == "import":
+        return cmd_splits_import(args)
+    if args.file is not None:
+        raise UserError(f"sweeper splits {args.dataset}: unexpected argument {args.file!r} (did you mean 'sweeper splits import FILE'?)")
     from dmlcore.oodml.splits import make_splits
 
     console = _console()
     out = Path(args.out or f"{Path(args.dataset).stem}_oodml.json")
     doc = make_splits(args.dataset, n=args.n, encoder=args.encoder, out=out, root=args.root,
-                      image_size=args.image_size, device=args.device, seed=args.seed)
+                      image_size=args.image_size, device=args.device, seed=args.seed, ids=args.ids,
+                      pretrained=args.pretrained)  # fmt: skip
     table = Table(title=f"{doc['dataset']}: {len(doc['splits'])} ooDML splits -> {out}", title_justify="left")
     for col in ("index", "name", "FID", "train classes", "test classes"):
         table.add_column(col, justify="right" if col != "name" else "left")
     for i, sp in enumerate(doc["splits"]):
         table.add_row(str(i), sp["name"], f"{sp['fid']:.2f}", str(len(sp["train_classes"])), str(len(sp["test_classes"])))
     console.print(table)
-    console.print(f"use one in a run or study with  --set data.split={out}#INDEX")
+    console.print(f"encoder: {escape(doc['encoder'])}")
+    which = "ID" if args.ids else "INDEX"
+    console.print(f"use one in a run or study with  --set data.split={out}#{which}")
+    return 0
+
+
+def cmd_splits_import(args: argparse.Namespace) -> int:
+    from dmlcore.oodml.published import import_split_file
+
+    if not args.file:
+        raise UserError("sweeper splits import: give the authors' split file, e.g. sweeper splits import cars196_splits.pkl --out splits.json")
+    out = Path(args.out or f"{Path(args.file).stem}_oodml.json")
+    doc = import_split_file(args.file, out, dataset=args.import_dataset)
+    table = Table(title=f"{doc['dataset']}: {len(doc['splits'])} published ooDML splits -> {out}", title_justify="left")
+    for col in ("id", "FID", "train", "test", "train/val", "episodes (shots x n)"):
+        table.add_column(col, justify="right")
+    for sp in doc["splits"]:
+        vs = sp.get("val_split")
+        eps = sp.get("episodes") or {}
+        table.add_row(sp["id"], f"{sp['fid']:.2f}", str(len(sp["train_classes"])), str(len(sp["test_classes"])),
+                      f"{len(vs['train'])}/{len(vs['val'])}" if vs else "-",
+                      ", ".join(f"{k}x{len(v)}" for k, v in eps.items()) or "-")  # fmt: skip
+    _console().print(table)
+    _console().print(f"use one in a run or study with  --set data.split={out}#ID")
     return 0
 
 

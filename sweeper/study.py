@@ -568,6 +568,12 @@ def resolve_study(
             check_registries(cfg)
         except (KeyError, ValueError) as err:
             raise ConfigError(f"{src}: {err}") from None
+        try:  # the split file and its entry (ids, classes, episodes); missing files/data: the preflight's strict check
+            from dmlcore.oodml.published import check_split
+
+            check_split(cfg, strict=False)
+        except ValueError as err:
+            raise ConfigError(f"{src}: {err}") from None
         return cfg
 
     if spec.search is None:

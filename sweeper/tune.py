@@ -60,6 +60,10 @@ class TrialContext:
     """The driver's MLflow client settings (``MLFLOW_TRACKING_TOKEN``, ...), applied by each
     trial before it connects: workers on other nodes do not inherit the driver's environment."""
     cpus: float | None = None
+    cwd: str | None = None
+    """The driver's working directory: relative paths in a study (``data.split: studies/splits/...``)
+    mean paths from where ``sweeper run`` started; a trial on the same machine works from there
+    (Tune starts it in its trial directory)."""
     """The trial's CPU share (``resources.cpu``), handed to dmlcore as ``DMLCORE_NUM_CPUS``
     (it sizes the DataLoader workers of ``data.num_workers: -1`` to it, not to the node)."""
 
@@ -147,10 +151,14 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     logger = None
     if ctx.env:
         os.environ.update(ctx.env)
+    if ctx.cwd and os.path.isdir(ctx.cwd):
+        os.chdir(ctx.cwd)
     if ctx.cpus:
         os.environ["DMLCORE_NUM_CPUS"] = f"{ctx.cpus:g}"
     if ctx.tracking_uri and ctx.experiment_id:
         tracker = tracking.Tracker(ctx.tracking_uri)
+        from dmlcore.oodml.published import split_tags
+
         tags = {
             tracking.TAG_PARENT: ctx.parent_run_id,
             tracking.TAG_STUDY: ctx.study,
@@ -160,6 +168,7 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             **({tracking.TAG_TRIAL_INDEX: index} if index is not None else {}),
             **ctx.tags,
             **tracking.host_tags(),
+            **(split_tags(cfg) if cfg is not None else {}),
         }
         params_source: Any = cfg if cfg is not None else _FlatOnly(overrides)
         logger, previous = tracking.open_run(
@@ -603,6 +612,7 @@ def run_study(
         decode=decode_map(study),
         env=tracking.forwarded_env(),
         cpus=float(spec.resources.cpu),
+        cwd=os.getcwd(),
     )
 
     # --- Tune

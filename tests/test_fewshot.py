@@ -57,10 +57,10 @@ def test_few_shot_adaptation_beats_zero_shot_and_leaves_the_model_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = few_shot_eval(model, data.test, cfg, shots=(5,), episodes=2, steps=40)
     for key in ("recall_at_1", "zero_shot_recall_at_1", "gain_recall_at_1"):
-        assert f"fewshot/k5/{key}" in out and f"fewshot/k5/{key}_ci95" in out
-        assert math.isfinite(out[f"fewshot/k5/{key}_ci95"])
-    assert out["fewshot/k5/episodes"] == 2 and out["fewshot/num_classes"] == 5
-    assert out["fewshot/k5/recall_at_1"] > out["fewshot/k5/zero_shot_recall_at_1"] + 0.01, out
+        assert f"fewshot/5shot/{key}" in out and f"fewshot/5shot/{key}_ci95" in out
+        assert math.isfinite(out[f"fewshot/5shot/{key}_ci95"])
+    assert out["fewshot/5shot/episodes"] == 2 and out["fewshot/num_classes"] == 5
+    assert out["fewshot/5shot/recall_at_1"] > out["fewshot/5shot/zero_shot_recall_at_1"] + 0.01, out
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -81,5 +81,5 @@ def test_the_configured_split_is_honoured_and_the_hook(tmp_path):
     fs_cfg = cfg.with_overrides({"eval.few_shot": {"shots": [2], "episodes": 2, "steps": 2}})
     fs_trainer = Trainer(fs_cfg, progress=False).build()
     out = run_after_training(fs_trainer, SimpleNamespace(model=trainer.model))
-    assert out["fewshot/num_classes"] == 4 and out["fewshot/k2/episodes"] == 2
-    assert "fewshot/k2/recall_at_1_ci95" in out and "fewshot/k1/recall_at_1" not in out
+    assert out["fewshot/num_classes"] == 4 and out["fewshot/2shot/episodes"] == 2
+    assert "fewshot/2shot/recall_at_1_ci95" in out and "fewshot/1shot/recall_at_1" not in out

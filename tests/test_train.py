@@ -104,8 +104,8 @@ def test_few_shot_metrics_come_with_the_last_report():
     rep = ListReporter()
     Trainer(cfg(train__epochs=1, eval__few_shot={"shots": [2], "episodes": 2, "steps": 2}), rep, progress=False).fit()
     last = rep.reports[-1][1]
-    assert 0.0 <= last["fewshot/k2/recall_at_1"] <= 1.0
-    assert last["fewshot/k2/episodes"] == 2 and "fewshot/k2/zero_shot_recall_at_1" in last
+    assert 0.0 <= last["fewshot/2shot/recall_at_1"] <= 1.0
+    assert last["fewshot/2shot/episodes"] == 2 and "fewshot/2shot/zero_shot_recall_at_1" in last
 
 
 @pytest.mark.slow

@@ -453,27 +453,62 @@ class Uint8View(Dataset):
 # --------------------------------------------------------------------------------------
 # Split files (written by the ooDML tool)
 # --------------------------------------------------------------------------------------
-def parse_split_spec(spec: str) -> tuple[Path, int]:
-    """``"PATH.json#INDEX"`` -> ``(path, index)``."""
+def parse_split_spec(spec: str) -> tuple[Path, str]:
+    """``"PATH.json#ID"`` -> ``(path, ID)``; ``ID`` is a split id (imported files) or an index."""
     if "#" not in spec:
         raise DataError(f"data.split: expected 'standard' or 'FILE.json#INDEX', got {spec!r}")
     path, _, idx = spec.rpartition("#")
-    try:
-        index = int(idx)
-    except ValueError:
-        raise DataError(f"data.split: split index must be an integer in {spec!r}, got {idx!r}") from None
     if not path:
         raise DataError(f"data.split: missing file name in {spec!r}")
+    if not idx:
+        raise DataError(f"data.split: missing split index or id after '#' in {spec!r}")
+    return Path(path).expanduser(), idx
+
+
+def select_entry(spec: str) -> tuple[Path, dict[str, Any], dict[str, Any], str]:
+    """``(path, document, entry, label)`` of ``PATH.json#ID``: by ``id`` when the file's
+    splits have ids (an imported ooDML file), else by position."""
+    path, key = parse_split_spec(spec)
+    doc = read_split_file(path)
+    splits = doc["splits"]
+    ids = [str(s["id"]) for s in splits if "id" in s]
+    if ids:
+        for s in splits:
+            if str(s.get("id")) == key:
+                return path, doc, s, key
+        from dmlcore.oodml.published import did_you_mean
+
+        raise DataError(f"data.split: {path} has no split '{key}'{did_you_mean(key, ids)}; its ids: {', '.join(ids)}")
+    try:
+        index = int(key)
+    except ValueError:
+        raise DataError(f"data.split: split index must be an integer in {spec!r}, got {key!r}") from None
     if index < 0:
         raise DataError(f"data.split: split index must be >= 0 in {spec!r}")
-    return Path(path).expanduser(), index
+    if index >= len(splits):
+        span = f"0-{len(splits) - 1}" if splits else "none"
+        raise DataError(f"data.split: index {index} is out of range; {path} has {len(splits)} splits ({span})")
+    return path, doc, splits[index], str(index)
+
+
+_SPLIT_FILES: dict[tuple[str, int, int], dict[str, Any]] = {}
 
 
 def read_split_file(path: str | Path) -> dict[str, Any]:
-    """The validated content of an ooDML split file."""
+    """The validated content of an ooDML split file (cached by path and mtime; read-only)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data.split: split file {p} does not exist")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _SPLIT_FILES:
+        if len(_SPLIT_FILES) > 16:
+            _SPLIT_FILES.clear()
+        _SPLIT_FILES[key] = _read_split_file(p)
+    return _SPLIT_FILES[key]
+
+
+def _read_split_file(p: Path) -> dict[str, Any]:
     try:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as err:
@@ -487,36 +522,35 @@ def read_split_file(path: str | Path) -> dict[str, Any]:
             s.get("test_classes"), list
         ):
             raise DataError(f"data.split: {p} split {k} must be an object with 'train_classes' and 'test_classes' lists")
+    from dmlcore.oodml.published import is_published, validate_document
+
+    if is_published(doc):
+        validate_document(doc, str(p))
     return doc
 
 
 def load_split(spec: str, source: Source) -> tuple[ClassSplit, dict[str, Any]]:
-    """The split ``PATH.json#INDEX`` checked against ``source``; returns it with its extra fields."""
-    path, index = parse_split_spec(spec)
-    doc = read_split_file(path)
-    if doc["dataset"] != source.name:
+    """The split ``PATH.json#ID`` checked against ``source``; returns it with its extra fields."""
+    from dmlcore.oodml.published import is_published, published_class_index, resolve_class
+
+    path, doc, entry, index = select_entry(spec)
+    published = is_published(doc)
+    # an imported ooDML file also fits an imagefolder over the authors' images/<class>/ layout
+    if doc["dataset"] != source.name and not (published and source.name == "imagefolder"):
         raise DataError(
             f"data.split: {path} was written for dataset '{doc['dataset']}', but data.dataset is '{source.name}'"
         )
-    splits = doc["splits"]
-    if index >= len(splits):
-        span = f"0-{len(splits) - 1}" if splits else "none"
-        raise DataError(f"data.split: index {index} is out of range; {path} has {len(splits)} splits ({span})")
-    entry = splits[index]
-    by_name: dict[str, int] = {}
-    for cid, cname in source.class_names.items():
-        by_name.setdefault(cname, cid)
+    by_name = published_class_index(source)
     known = set(source.class_names)
 
     def resolve(ids: list[Any]) -> tuple[list[int], list[Any]]:
         out, unknown = [], []
         for c in ids:
-            if isinstance(c, str) and c in by_name:  # class names are accepted too
-                out.append(by_name[c])
-            elif isinstance(c, int) and not isinstance(c, bool) and c in known:
-                out.append(c)
-            else:
+            cid = resolve_class(c, by_name, known)  # class names are accepted too
+            if cid is None:
                 unknown.append(c)
+            else:
+                out.append(cid)
         return out, unknown
 
     train, bad_tr = resolve(entry["train_classes"])
@@ -532,6 +566,12 @@ def load_split(spec: str, source: Source) -> tuple[ClassSplit, dict[str, Any]]:
     except DataError as err:
         raise DataError(f"data.split: {path} split {index}: {err}") from None
     extra = {k: v for k, v in entry.items() if k not in ("train_classes", "test_classes")}
+    if isinstance(entry.get("val_split"), Mapping):
+        vs = entry["val_split"]
+        (vtr, bad1), (vval, bad2) = resolve(list(vs.get("train", []))), resolve(list(vs.get("val", [])))
+        if bad1 or bad2:
+            raise DataError(f"data.split: {path} split {index}: val_split names classes unknown to dataset '{source.name}': {_preview(bad1 + bad2)}")
+        extra["val_split"] = {"train": tuple(vtr), "val": tuple(vval)}
     return split, extra
 
 
@@ -598,6 +638,8 @@ class DataBundle:
     info: dict[str, Any] = field(default_factory=dict)
     split: ClassSplit | None = None
     source: Source | None = None
+    episodes: dict[int, list[np.ndarray]] | None = None
+    """Published few-shot episodes of an imported ooDML split: ``{k: [support positions into test]}``."""
 
 
 def load_short_side(image_size: int) -> int:
@@ -634,7 +676,10 @@ def build_data(cfg: "RunConfig") -> DataBundle:
     d = cfg.data
     source = build_source(cfg)
     split, extra = resolve_split(d.split, source)
-    train_classes, val_classes = carve_val(split.train_classes, d.val_classes, source.name)
+    if "val_split" in extra and d.val_classes > 0:  # a published ooDML split: its own train/val classes
+        train_classes, val_classes = tuple(sorted(extra["val_split"]["train"])), tuple(sorted(extra["val_split"]["val"]))
+    else:
+        train_classes, val_classes = carve_val(split.train_classes, d.val_classes, source.name)
 
     if source.in_memory:
         store: TensorStore | FileStore = TensorStore(source.tensor())  # type: ignore[attr-defined]
@@ -673,8 +718,14 @@ def build_data(cfg: "RunConfig") -> DataBundle:
         "num_samples": {"train": len(train), "val": len(val) if val else 0, "test": len(test)},
         "val_classes": list(val_classes),
     }
-    info.update({k: v for k, v in extra.items() if k != "name"})
-    return DataBundle(train, train_eval, val, test, train.num_classes, info, split, source)
+    info.update({k: v for k, v in extra.items() if k not in ("name", "episodes", "val_split")})
+    episodes = None
+    fs = cfg.eval.few_shot
+    if extra.get("episodes") and fs is not None and getattr(fs, "episode_source", "auto") != "random":
+        from dmlcore.oodml.published import resolve_episodes
+
+        episodes = resolve_episodes(extra["episodes"], source, split.test_classes, f"data.split: {d.split}")
+    return DataBundle(train, train_eval, val, test, train.num_classes, info, split, source, episodes)
 
 
 def make_loader(

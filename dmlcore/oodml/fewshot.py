@@ -1,27 +1,29 @@
 """Few-shot DML (Milbich et al. 2021, ooDML): adapt a trained model on k labelled samples
 per *test* class, evaluate retrieval on the remaining test samples.
 
-Per shot count k and episode e (seeded by ``(seed, k, e)``):
+Per shot count k and episode e (the split file's published episodes when given, else
+seeded by ``(seed, k, e)``):
 
-* support = k samples of every test class (at most ``n_c - 1``, so every class keeps a
-  query), query = the rest of the test split;
+* support = the published support samples, or k samples of every test class (at most
+  ``n_c - 1``, so every class keeps a query); query = the rest of the test split;
 * zero-shot: metrics of the unadapted model on the query;
-* adapted: a copy of the model is fine-tuned for ``steps`` Adam steps at
-  ``lr_mult x optim.lr`` (default 10x, as the reference) on the support with the margin
-  loss + distance-weighted miner (built through the registries), only the embedding
-  head by default (``whole_net=True``: every parameter), then evaluated on the query.
-  Support images get the run's train augmentation; with k=1 each step shows two
+* adapted: a copy of the model is fine-tuned for ``steps`` (one count or ``{k: steps}``)
+  Adam steps at ``lr_mult x optim.lr`` (default 10x, as the reference) on the support with
+  the margin loss + distance-weighted miner (built through the registries), only the
+  embedding head by default (``whole_net=True``: every parameter), then evaluated on the
+  query. Support images get the run's train augmentation; with k=1 each step shows two
   augmented views of every support image so that positives exist.
 
 Results over episodes: mean and half-width of the 95% Student-t interval for both,
-``fewshot/k{k}/{metric}``, ``fewshot/k{k}/{metric}_ci95``,
-``fewshot/k{k}/zero_shot_{metric}``, ``fewshot/k{k}/zero_shot_{metric}_ci95``, plus
-``fewshot/k{k}/gain_recall_at_1`` (+ ``_ci95``), ``fewshot/k{k}/episodes`` and
-``fewshot/num_classes`` (test classes the episodes were drawn from).
+``fewshot/{k}shot/{metric}``, ``fewshot/{k}shot/{metric}_ci95``,
+``fewshot/{k}shot/zero_shot_{metric}`` (+ ``_ci95``), ``fewshot/{k}shot/gain_recall_at_1``
+(+ ``_ci95``), ``fewshot/{k}shot/episodes``, ``fewshot/{k}shot/steps``,
+``fewshot/{k}shot/published_episodes`` (1 published, 0 seeded random) and
+``fewshot/num_classes``. The trainer hook (:func:`run_after_training`) adapts the
+*selected* checkpoint and adds ``fewshot/selected_epoch``.
 
 The split is the one the test dataset was built from (``data.split``): the episodes are
-drawn from ``test_dataset``'s own labels and nothing else (the reference code's few-shot
-path could read another split than the one configured; here there is no second source).
+drawn from ``test_dataset``'s own labels or come from that split's file, nothing else.
 """
 
 from __future__ import annotations
@@ -194,9 +196,9 @@ def few_shot_eval(
     trainer_or_model: Any,
     test_dataset: Any = None,
     cfg: Any = None,
-    shots: Sequence[int] = (1, 2, 5),
+    shots: Sequence[int] = (2, 5),
     episodes: int = 10,
-    steps: int = 100,
+    steps: int | Mapping[int, int] = 100,
     *,
     whole_net: bool = False,
     lr_mult: float = 10.0,
@@ -211,8 +213,15 @@ def few_shot_eval(
     seed: int | None = None,
     device: Any = None,
     clustering: bool = False,
+    published: Mapping[int, Sequence[np.ndarray]] | None = None,
+    episode_source: str = "auto",
 ) -> dict[str, float]:
-    """Few-shot adaptation on the test split; ``{"fewshot/k{k}/...": float}``.
+    """Few-shot adaptation on the test split; ``{"fewshot/{k}shot/...": float}``.
+
+    ``published``: ``{k: [support positions into the test dataset, per episode]}`` (an
+    imported ooDML split's episodes); with ``episode_source='auto'`` they are used for the
+    shot counts they cover and seeded random episodes for the others, ``'published'``
+    requires them, ``'random'`` ignores them. ``steps``: one count or ``{k: steps}``.
 
     ``trainer_or_model``: a built/fitted Trainer (its model, ``data.test``, config and
     device are used unless given) or an EmbeddingModel (then ``test_dataset`` and ``cfg``
@@ -246,8 +255,18 @@ def few_shot_eval(
         for k in shots:
             per_zero: dict[str, list[float]] = {}
             per_ft: dict[str, list[float]] = {}
-            for e in range(int(episodes)):
-                ep = make_episode(labels, int(k), seed, e)
+            fixed = (published or {}).get(int(k)) if episode_source != "random" else None
+            if fixed is None and episode_source == "published":
+                have = sorted((published or {}).keys())
+                raise ValueError(f"eval.few_shot.episode_source=published: the split has no published {k}-shot episodes (it has {have or 'none'})")
+            n_steps = int(steps[int(k)] if isinstance(steps, Mapping) else steps)
+            all_pos = np.arange(len(labels))
+            for e in range(len(fixed) if fixed is not None else int(episodes)):
+                if fixed is not None:
+                    sup = np.asarray(fixed[e], dtype=np.int64)
+                    ep = Episode(sup, np.setdiff1d(all_pos, sup))
+                else:
+                    ep = make_episode(labels, int(k), seed, e)
                 if len(ep.support) == 0 or len(ep.query) < 2:
                     continue
                 q_labels = labels[ep.query]
@@ -261,7 +280,7 @@ def few_shot_eval(
                                          embed_dim=cfg.model.embed_dim).to(device)  # fmt: skip
                 miner_fn = registry.build("miner", miner, miner_params, key="fewshot.miner",
                                           embed_dim=cfg.model.embed_dim, train_seed=ep_seed)  # fmt: skip
-                _finetune(adapted, ds, ep.support, int(k), steps, base_lr, whole_net, aug, loss_fn,
+                _finetune(adapted, ds, ep.support, int(k), n_steps, base_lr, whole_net, aug, loss_fn,
                           miner_fn, bs, device, ep_seed, embedder.feats)  # fmt: skip
                 metrics1 = evaluate_embeddings(embedder.embed(adapted, ep.query), q_labels, recall_k=cfg.eval.recall_k,
                                                distance=cfg.eval.distance, clustering=clustering, seed=seed)  # fmt: skip
@@ -270,7 +289,7 @@ def few_shot_eval(
                     per_zero.setdefault(name, []).append(float(v))
                 for name, v in metrics1.items():
                     per_ft.setdefault(name, []).append(float(v))
-            pre = f"fewshot/k{int(k)}/"
+            pre = f"fewshot/{int(k)}shot/"
             for name, vals in per_ft.items():
                 out[pre + name], out[pre + name + "_ci95"] = mean_ci95(vals)
             for name, vals in per_zero.items():
@@ -279,27 +298,42 @@ def few_shot_eval(
                 gain = np.asarray(per_ft["recall_at_1"]) - np.asarray(per_zero["recall_at_1"])
                 out[pre + "gain_recall_at_1"], out[pre + "gain_recall_at_1_ci95"] = mean_ci95(gain)
             out[pre + "episodes"] = float(len(next(iter(per_ft.values()), [])))
+            out[pre + "published_episodes"] = 1.0 if fixed is not None else 0.0  # 0: seeded random episodes
+            out[pre + "steps"] = float(n_steps)
         out["fewshot/num_classes"] = float(len(np.unique(labels)))
     return out
 
 
 def run_after_training(trainer: Any, result: Any = None) -> dict[str, float]:
-    """Optional evaluation hook: ``eval.few_shot: {shots: [...], episodes: N, steps: N, whole_net: bool}``.
+    """The trainer's hook for ``eval.few_shot`` (:class:`dmlcore.config.FewShotConfig`).
 
-    Returns ``{}`` when the config has no (or an empty) ``eval.few_shot``. The metrics are
-    plain floats the trainer can report with the final epoch.
+    Adapts and evaluates the *selected* checkpoint, the one ``best/...`` reports
+    (``eval.select_on``): the weights the trainer kept at ``best_epoch``
+    (``trainer.best_state``), else ``result.model`` / ``trainer.model``. Returns ``{}`` when
+    the config has no ``eval.few_shot``. The metrics are plain floats the trainer reports
+    with the final epoch; ``fewshot/selected_epoch`` names the epoch whose weights were adapted.
     """
     spec = getattr(trainer.cfg.eval, "few_shot", None)
     if spec is None:
         return {}
-    if hasattr(spec, "model_dump"):
-        spec = spec.model_dump()
-    spec = dict(spec)
-    if not spec or not spec.get("shots", (1, 2, 5)) or spec.get("enabled", True) is False:
-        return {}
-    kw = {k: spec[k] for k in ("episodes", "steps", "whole_net", "lr_mult") if spec.get(k) is not None}
+    if not hasattr(spec, "model_dump"):  # a plain mapping (tests, notebooks)
+        from ..config import FewShotConfig
+
+        spec = FewShotConfig.model_validate(dict(spec))
     model = getattr(result, "model", None) or trainer.model
-    return few_shot_eval(
-        model, trainer.data.test, trainer.cfg, shots=tuple(spec.get("shots", (1, 2, 5))),
-        device=trainer.device, flip_ok=bool(trainer.data.info.get("flip_ok", False)), **kw,
+    state = getattr(trainer, "best_state", None)
+    # without a kept state (e.g. resumed after the selected epoch) the last epoch's weights are used
+    selected = float(getattr(trainer, "best_state_epoch", trainer.cfg.train.epochs) if state is not None else trainer.cfg.train.epochs)
+    if state is not None:
+        model = copy.deepcopy(model)
+        model.load_state_dict(state)
+    steps = spec.steps if isinstance(spec.steps, int) else {int(k): int(v) for k, v in spec.steps.items()}
+    data = trainer.data
+    out = few_shot_eval(
+        model, data.test, trainer.cfg, shots=tuple(spec.shots), episodes=spec.episodes, steps=steps,
+        whole_net=spec.whole_net, lr_mult=spec.lr_mult, device=trainer.device,
+        flip_ok=bool(data.info.get("flip_ok", False)), published=getattr(data, "episodes", None),
+        episode_source=spec.episode_source,
     )  # fmt: skip
+    out["fewshot/selected_epoch"] = selected
+    return out

@@ -2,9 +2,10 @@
 (Milbich et al., "Characterizing Generalization under Out-Of-Distribution Shifts in
 Deep Metric Learning", NeurIPS 2021).
 
-1. ``class_features``: the mean feature of every class under a fixed encoder (the paper:
-   an ImageNet ResNet50's pooled features; here any backbone, EmbeddingModel or trained
-   checkpoint, since no pretrained weights exist offline).
+1. ``class_features``: the mean feature of every class under a fixed encoder (the paper's
+   and the default: an ImageNet ResNet-50's pooled features, ``model.pretrained:
+   imagenet``; or any backbone, EmbeddingModel or checkpoint; random weights are warned
+   about: their FIDs are meaningless).
 2. Shift of a split = Fréchet distance between the set of train class means and the set
    of test class means (:func:`dmlcore.oodml.fid.fid_between`).
 3. Harder splits by swapping: with ``mu_tr``/``mu_te`` the means of the train/test class
@@ -16,7 +17,8 @@ Deep Metric Learning", NeurIPS 2021).
 4. "R" splits: from the hardest swap split, when a swap no longer raises the FID, the
    proposed classes are *removed* instead (down to ``min_classes`` per side).
 5. ``n`` splits spanning the recorded FID range are selected and returned in order of
-   non-decreasing FID.
+   non-decreasing FID, or the splits named by the authors' ids (``ids="0,6,16,R18"``,
+   :func:`record_id`).
 
 The public reference code (``split_helpers.py`` of the authors' repository) was read to
 confirm the ranking, the 2 swaps per iteration and the 5-swap tabu; differences are listed
@@ -25,6 +27,7 @@ in ``docs/methods.md``.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,14 @@ from torch import nn
 
 from .fid import fid_between
 
-__all__ = ["SplitRecord", "class_features", "make_splits", "split_sequence", "select_splits", "resolve_encoder"]
+__all__ = ["SplitRecord", "class_features", "make_splits", "split_sequence", "select_splits", "resolve_encoder",
+           "record_id", "select_by_ids", "parse_ids", "RANDOM_WARNING"]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+PAPER_BACKBONE, PAPER_WEIGHTS = "resnet50", "imagenet"
+RANDOM_WARNING = ("the split encoder has random weights: its FIDs are meaningless "
+                  "(the paper embeds with an ImageNet ResNet-50; give --pretrained FILE or --encoder CKPT)")  # fmt: skip
 
 
 @dataclass
@@ -244,6 +254,58 @@ def split_sequence(
     return records
 
 
+def record_id(r: SplitRecord, swaps_per_iter: int = 2) -> str:
+    """The authors' split id of a record (``create_dataset_splits.py:74-87,153-164``):
+    ``k`` = the split after k swaps (``0`` the standard split), ``-k`` = after k inverse
+    (easier) swaps, ``Rk`` = the removal split at the iteration after k swaps
+    (``split_helpers.py:178-179``: ids count swaps, ``SWAPS_PER_ITER`` per iteration)."""
+    if r.kind == "start":
+        return "0"
+    if r.kind == "swap":
+        return str(r.step)
+    if r.kind == "easy":
+        return f"-{r.step}"
+    return f"R{r.step * swaps_per_iter}"
+
+
+def parse_ids(ids: str | Sequence[str]) -> list[str]:
+    """``"0,6,16,R18"`` -> ``["0", "6", "16", "R18"]`` (validated)."""
+    import re
+
+    items = [str(x).strip() for x in (ids.split(",") if isinstance(ids, str) else ids) if str(x).strip()]
+    bad = [x for x in items if not re.fullmatch(r"-?\d+|R\d+", x)]
+    if not items or bad:
+        raise ValueError(f"--ids: expected split ids like 0,6,16,-20,R18 (k swaps, -k easier swaps, Rk removal), got {bad or ids!r}")
+    return items
+
+
+def ids_budget(ids: Sequence[str], swaps_per_iter: int = 2) -> tuple[int, int, int]:
+    """``(iters, easy_iters, removal_iters)`` that reach every id (at least the authors'
+    25 swap iterations, ``create_dataset_splits.py:31``; removal ``N_SWAPS+10`` = 35, ``:124``)."""
+    sw = [int(i) for i in ids if not i.startswith(("R", "-"))]
+    ez = [int(i[1:]) for i in ids if i.startswith("-")]
+    rm = [int(i[1:]) for i in ids if i.startswith("R")]
+    up = lambda v: -(-v // swaps_per_iter)  # noqa: E731
+    return (max([25] + [up(v) for v in sw]), max([0] + [up(v) for v in ez]), max([35] + [up(v) + 1 for v in rm]))
+
+
+def select_by_ids(records: Sequence[SplitRecord], ids: Sequence[str], swaps_per_iter: int = 2) -> list[tuple[str, SplitRecord]]:
+    """The records named by the authors' split ids, in the order given."""
+    by_id: dict[str, SplitRecord] = {}
+    for r in records:
+        by_id.setdefault(record_id(r, swaps_per_iter), r)
+    out = []
+    for i in ids:
+        if i not in by_id:
+            from .published import did_you_mean
+
+            have = sorted(by_id, key=lambda x: (x[0] == "R", x[0] == "-", int(x.lstrip("R-") or 0)))
+            raise ValueError(f"split id '{i}' was not reached{did_you_mean(i, have)} (the procedure stopped early or needs more "
+                             f"iterations); reached: {', '.join(have[:12])}{' ...' if len(have) > 12 else ''}")  # fmt: skip
+        out.append((i, by_id[i]))
+    return out
+
+
 def select_splits(records: Sequence[SplitRecord], n: int) -> list[SplitRecord]:
     """``n`` distinct splits spanning the FID range, in non-decreasing FID order."""
     if n < 1:
@@ -274,10 +336,19 @@ def resolve_encoder(encoder: Any, cfg: Any, seed: int = 0) -> tuple[nn.Module, s
 
     if isinstance(encoder, nn.Module):
         return encoder, type(encoder).__name__
+    if encoder is None and cfg.model.pretrained:
+        return build_model(cfg.model), f"{cfg.model.backbone} ({cfg.model.pretrained})"
     if encoder is None:
-        torch.manual_seed(seed)
-        desc = f"{cfg.model.backbone}" + (f" ({cfg.model.pretrained})" if cfg.model.pretrained else f" (random init, seed {seed})")
-        return build_model(cfg.model), desc
+        # the paper: ImageNet ResNet-50 pooled features (create_dataset_splits.py:52, README "FID (using R50)")
+        from ..models.pretrained import ModelError
+
+        try:
+            module, _ = registry.build("backbone", PAPER_BACKBONE, None, pretrained=PAPER_WEIGHTS)
+            return module, f"{PAPER_BACKBONE} ({PAPER_WEIGHTS})"
+        except ModelError as err:
+            torch.manual_seed(seed)
+            log.warning("%s (%s weights: %s)", RANDOM_WARNING, PAPER_WEIGHTS, str(err).splitlines()[0])
+            return build_model(cfg.model), f"{cfg.model.backbone} (random init, seed {seed}; {PAPER_WEIGHTS} weights unavailable)"
     enc = str(encoder)
     if Path(enc).expanduser().exists():
         from ..guided import load_embedding_model
@@ -285,6 +356,8 @@ def resolve_encoder(encoder: Any, cfg: Any, seed: int = 0) -> tuple[nn.Module, s
         return load_embedding_model(Path(enc).expanduser()), enc
     if enc in registry.names("backbone"):
         torch.manual_seed(seed)
+        if not cfg.model.pretrained:
+            log.warning("%s (backbone %s without model.pretrained)", RANDOM_WARNING, enc)
         module, _ = registry.build("backbone", enc, None, pretrained=cfg.model.pretrained)
         return module, enc + (f" ({cfg.model.pretrained})" if cfg.model.pretrained else f" (random init, seed {seed})")
     raise ValueError(
@@ -293,7 +366,7 @@ def resolve_encoder(encoder: Any, cfg: Any, seed: int = 0) -> tuple[nn.Module, s
     )
 
 
-def _as_config(cfg_or_dataset: Any, root: str | None, image_size: int | None):
+def _as_config(cfg_or_dataset: Any, root: str | None, image_size: int | None, pretrained: str | None = None):
     from ..config import RunConfig, load_config
 
     if isinstance(cfg_or_dataset, RunConfig):
@@ -307,6 +380,10 @@ def _as_config(cfg_or_dataset: Any, root: str | None, image_size: int | None):
         over["data.root"] = root
     if image_size is not None:
         over["data.image_size"] = int(image_size)
+    if pretrained is not None:  # explicit weights: the paper's ResNet-50 unless a run config names a backbone
+        over["model.pretrained"] = pretrained
+        if not isinstance(cfg_or_dataset, RunConfig) and not str(cfg_or_dataset).endswith((".yaml", ".yml")):
+            over["model.backbone"] = PAPER_BACKBONE
     return cfg.with_overrides(over) if over else cfg
 
 
@@ -329,6 +406,8 @@ def make_splits(
     device: str = "cpu",
     seed: int = 0,
     batch_size: int = 256,
+    ids: str | Sequence[str] | None = None,
+    pretrained: str | None = None,
 ) -> dict[str, Any]:
     """Build ``n`` ooDML splits of increasing FID and (with ``out``) write the split file.
 
@@ -340,7 +419,7 @@ def make_splits(
     """
     from ..data.base import ClassSplit, build_source, save_split_file
 
-    cfg = _as_config(cfg_or_dataset, root, image_size)
+    cfg = _as_config(cfg_or_dataset, root, image_size, pretrained)
     source = build_source(cfg)
     module, desc = resolve_encoder(encoder, cfg, seed)
     means, class_ids = class_features(
@@ -350,19 +429,28 @@ def make_splits(
     std = source.standard_split()
     tr = [pos[c] for c in std.train_classes if c in pos]
     te = [pos[c] for c in std.test_classes if c in pos]
+    wanted = parse_ids(ids) if ids is not None else None
+    if wanted is not None:
+        b_it, b_easy, b_rm = ids_budget(wanted, swaps_per_iter)
+        iters = b_it if iters is None else iters
+        easy_iters = max(easy_iters, b_easy)
+        removal_iters = b_rm if removal_iters is None else removal_iters
     it = int(iters if iters is not None else min(25, len(class_ids)))
     records = split_sequence(
         means, tr, te, iters=it, swaps_per_iter=swaps_per_iter, history=history,
         removal_iters=int(removal_iters if removal_iters is not None else it),
         min_classes=min_classes, easy_iters=easy_iters,
     )  # fmt: skip
-    chosen = select_splits(records, n)
+    named = select_by_ids(records, wanted, swaps_per_iter) if wanted is not None else None
+    chosen = [r for _, r in named] if named is not None else select_splits(records, n)
     splits, extras = [], []
     for k, r in enumerate(chosen):
         splits.append(ClassSplit(
-            tuple(sorted(class_ids[i] for i in r.train)), tuple(sorted(class_ids[i] for i in r.test)), f"split{k}"
+            tuple(sorted(class_ids[i] for i in r.train)), tuple(sorted(class_ids[i] for i in r.test)),
+            f"split{k}" if named is None else f"ooDML-{named[k][0]}",
         ))  # fmt: skip
-        extras.append({"fid": float(r.fid), "kind": r.kind, "step": int(r.step)})
+        extras.append({"fid": float(r.fid), "kind": r.kind, "step": int(r.step)}
+                      | ({"id": named[k][0]} if named is not None else {}))  # fmt: skip
     doc = {
         "dataset": source.name,
         "encoder": desc,
@@ -371,6 +459,8 @@ def make_splits(
             for s, e in zip(splits, extras)
         ],
     }
+    if "random init" in desc:
+        doc["warning"] = RANDOM_WARNING
     if out is not None:
         path = save_split_file(out, source.name, splits, extras)
         # keep the encoder description in the file too
@@ -378,5 +468,7 @@ def make_splits(
 
         full = json.loads(path.read_text())
         full["encoder"] = desc
+        if "warning" in doc:
+            full["warning"] = doc["warning"]
         path.write_text(json.dumps(full, indent=1))
     return doc
