@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .errors import CorruptImageError, DataError
+
 if TYPE_CHECKING:  # pragma: no cover
     from dmlcore.config import RunConfig
 
@@ -34,19 +36,6 @@ log = logging.getLogger("dmlcore.data")
 
 # The context every dataset factory may ask for (see docs/architecture.md).
 DATASET_CONTEXT = ("root", "image_size", "seed", "on_corrupt")
-
-
-class DataError(ValueError):
-    """Unusable data, layout, split or batch composition. ``str(err)`` is one line for the user."""
-
-
-class CorruptImageError(DataError):
-    """An image file that cannot be decoded; ``path`` names it."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"unreadable image {path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def stable_seed(*parts: Any) -> int:

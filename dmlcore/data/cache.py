@@ -31,6 +31,8 @@ import torch
 
 from dmlcore.resources import available_cpus
 
+from .errors import CorruptImageError
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -86,8 +88,6 @@ class DecodedCache:
         return self
 
     def _build(self, decode) -> None:
-        from .base import CorruptImageError
-
         t0 = time.perf_counter()
         n, s = len(self.paths), self.side
         tmp = self.images_file.with_suffix(".tmp")
@@ -124,8 +124,6 @@ class DecodedCache:
 
     def get(self, i: int) -> torch.Tensor:
         """Image ``i`` as a uint8 tensor ``3 x side x side`` (a copy)."""
-        from .base import CorruptImageError
-
         if i in self.bad:
             raise CorruptImageError(self.paths[i], self.bad[i])
         return torch.from_numpy(np.ascontiguousarray(self.array()[i].transpose(2, 0, 1)))
