@@ -271,7 +271,9 @@ class Trainer:
         extra: dict[str, Any] = {}
         if workers > 0:
             extra.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
-        return DataLoader(ds, num_workers=workers, pin_memory=self.device.type == "cuda", **extra, **kw)
+        from .data.images import collate_images  # whole file images differ in size: padded ImageBatch
+
+        return DataLoader(ds, num_workers=workers, pin_memory=self.device.type == "cuda", collate_fn=collate_images, **extra, **kw)
 
     # ---- state ------------------------------------------------------------------
     def state_dict(self, epoch: int, history: list[dict], best: dict, best_epoch: int) -> dict:
