@@ -351,6 +351,8 @@ class Trainer:
                 if clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                 self.optimizer.step()
+            if getattr(self.sampler, "needs_embeddings", False):  # rows refreshed per step (R: main.py:269-270)
+                self.sampler.update_storage(emb.detach())
             total += loss.detach()
             n += 1
             for k, v in (logs or {}).items():
@@ -442,6 +444,8 @@ class Trainer:
         start = 0
         if resume is not None:
             start, history, best, best_epoch = self.load_state_dict(load_checkpoint(resume))
+        if getattr(self.sampler, "needs_embeddings", False):  # storage samplers (R: main.py:128-130)
+            self.sampler.set_storage(self.embed(self.data.train_eval)[0])
         key = self._selection_key()
         epochs = cfg.train.epochs
         initial: dict[str, float] = {}
