@@ -43,7 +43,8 @@ class DataConfig(_Section):
     image_size: int = Field(32, ge=8)
     """Side of the square images the network sees."""
     augmentation: str = "standard"
-    """Registry name of the train-time augmentation (``none``, ``standard``, ``strong``)."""
+    """Registry name of the train-time augmentation: the reference's ``base``, ``big``, ``adv``,
+    ``red``, or the platform's ``standard``, ``strong``, ``none``."""
     augmentation_params: ParamDict = Field(default_factory=dict)
     """Augmentation parameters (e.g. ``scale_min`` of the random resized crop)."""
     val_classes: float = Field(0.0, ge=0.0, lt=1.0)
@@ -54,6 +55,9 @@ class DataConfig(_Section):
     CPUs this process may use). In-memory datasets need none."""
     cache_dir: str | None = None
     """Node-local cache of decoded images; ``None`` disables the cache."""
+    store_side: int | None = Field(None, ge=8)
+    """Shorter side (px) that file images are kept at, whole and with their aspect ratio
+    (the crops are cut from it); default 1.5 x round(image_size * 256 / 224), 384 at 224."""
     on_corrupt: Literal["error", "skip"] = "error"
     """What to do with an unreadable image file."""
 
@@ -104,7 +108,7 @@ class BatchConfig(_Section):
     samples_per_class: int = Field(2, ge=0)
     """Batch composition: m samples of each of size/m classes. 0 = fully random batches."""
     sampler: str = "class_balanced"
-    """Registry name of the batch sampler (``class_balanced`` or ``random``)."""
+    """Registry name of the batch sampler (``sweeper list samplers``)."""
     sampler_params: ParamDict = Field(default_factory=dict)
     """Sampler parameters (e.g. ``small_classes: replace``)."""
     iterations_per_epoch: int | None = Field(None, ge=1)

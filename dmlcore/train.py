@@ -279,7 +279,9 @@ class Trainer:
         extra: dict[str, Any] = {}
         if workers > 0:
             extra.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
-        return DataLoader(ds, num_workers=workers, pin_memory=self.device.type == "cuda", **extra, **kw)
+        from .data.images import collate_images  # whole file images differ in size: padded ImageBatch
+
+        return DataLoader(ds, num_workers=workers, pin_memory=self.device.type == "cuda", collate_fn=collate_images, **extra, **kw)
 
     # ---- state ------------------------------------------------------------------
     def state_dict(self, epoch: int, history: list[dict], best: dict, best_epoch: int) -> dict:
@@ -361,6 +363,8 @@ class Trainer:
                 if clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                 self.optimizer.step()
+            if getattr(self.sampler, "needs_embeddings", False):  # rows refreshed per step (R: main.py:269-270)
+                self.sampler.update_storage(emb.detach())
             total += loss.detach()
             n += 1
             for k, v in (logs or {}).items():
@@ -458,6 +462,8 @@ class Trainer:
         start = 0
         if resume is not None:
             start, history, best, best_epoch = self.load_state_dict(load_checkpoint(resume))
+        if getattr(self.sampler, "needs_embeddings", False):  # storage samplers (R: main.py:128-130)
+            self.sampler.set_storage(self.embed(self.data.train_eval)[0])
         key = self._selection_key()
         epochs = cfg.train.epochs
         initial: dict[str, float] = {}

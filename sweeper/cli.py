@@ -385,6 +385,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column("parameters (default)", overflow="fold")
         table.add_column("description", overflow="fold")
         for name, params, doc in registry.describe(kind):
+            if registry.get(kind, name).meta.get("needs_embeddings"):
+                doc = f"[needs embeddings] {doc}"
             ps = ", ".join(
                 f"{p}=[italic]required[/italic]" if d is inspect.Parameter.empty else f"{p}={escape(repr(d))}"
                 for p, d in params.items()

@@ -28,8 +28,8 @@ R1 = "best/test/recall_at_1"
 # file -> (full trials, quick trials)
 SIZES = {
     "fair_benchmark": (14 * 5, 14),
-    "factors_of_variation": (11 * 4 * 3, 9 * 2),
-    "batch_composition": (5 * 4 * 5, 5),
+    "factors_of_variation": (12 * 4 * 3, 10 * 2),
+    "batch_composition": (11 * 4 * 5, 11),
     "rho_regularization": (6 * 5 * 5, 3 * 2),
     "embedding_correlation": (1 * 3 * 10 * 2, 2 * 2 * 3),
 }
@@ -49,8 +49,7 @@ PUBLISHED = {
     "optim.lr": 1e-5,
     "optim.weight_decay": 4e-4,
     "train.epochs": 150,
-    "data.augmentation": "standard",
-    "data.augmentation_params.scale_min": 0.08,  # torchvision's RandomResizedCrop default, as the reference
+    "data.augmentation": "base",  # RandomResizedCrop(224) scale 0.08-1 + flip (R: datasets/basic_dataset_scaffold.py:37-38)
     "data.image_size": 224,
     "eval.select_on": "val",
 }
@@ -169,8 +168,10 @@ def test_rho_study_grid(loaded):
 def test_batch_composition_grid(loaded):
     full, quick = loaded["batch_composition"]
     comps = {(t.config.batch.size, t.config.batch.samples_per_class, t.config.batch.sampler) for t in full.trials}
-    assert comps == {(112, 2, "class_balanced"), (112, 4, "class_balanced"), (112, 8, "class_balanced"),
-                     (112, 16, "class_balanced"), (112, 0, "random")}
+    assert comps == {(112, 2, "class_random"), (112, 4, "class_random"), (112, 8, "class_random"),
+                     (112, 16, "class_random"), (112, 0, "random"), (112, 2, "class_balanced"), (112, 2, "full_random"),
+                     (112, 2, "greedy_coreset"), (112, 2, "d2_coreset"), (112, 2, "fid_batchmatch"),
+                     (112, 2, "disthist_batchmatch")}
     assert len({t.config.loss.name for t in full.trials}) >= 3
     assert {t.config.batch.samples_per_class for t in quick.trials} == {0, 2, 4, 8, 16}
 
@@ -290,8 +291,8 @@ def _check_aggregate(agg: pd.DataFrame, n_groups: int, metrics: list[str], seeds
 def test_batch_composition_quick_end_to_end(ray_session, tmp_path, mlflow_uri):
     study, outcome, adir, text = _run_quick("batch_composition", tmp_path, mlflow_uri)
     agg = pd.read_csv(adir / "aggregate.csv")
-    _check_aggregate(agg, 5, [R1, "best/test/map_at_r", "best/test/nmi"])
-    assert sorted(agg["batch.samples_per_class"]) == [0, 2, 4, 8, 16] and set(agg["loss.name"]) == {"margin"}
+    _check_aggregate(agg, 11, [R1, "best/test/map_at_r", "best/test/nmi"])  # 5 compositions + 6 more samplers at m = 2
+    assert sorted(agg["batch.samples_per_class"]) == [0] + [2] * 7 + [4, 8, 16] and set(agg["loss.name"]) == {"margin"}
     assert (agg["best/train/rho_spectrum:mean"] >= 0).all() and (agg["best/train/pi_ratio:mean"] > 0).all()
     fac = pd.read_csv(adir / "factors.csv")
     rows = fac[(fac["factor"] == "batch.samples_per_class") & (fac["metric"] == R1)]

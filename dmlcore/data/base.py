@@ -9,8 +9,9 @@ each yielding ``(float32 tensor 3xHxW, int label)`` with labels remapped to
 
 In-memory sources (glyphs, digits, CIFAR) are materialised once as one uint8 tensor
 ``N x 3 x H x W`` that every split indexes into; file-based sources are decoded per
-item with PIL (shorter side resized to ``round(image_size * 256 / 224)``, the crop is
-left to the transform), optionally through a node-local cache of decoded images.
+item with PIL, kept whole (shorter side resized to ``data.store_side``, by default 1.5 x
+``round(image_size * 256 / 224)``, aspect ratio kept; the crops are left to the
+transforms), optionally through a node-local cache of decoded images.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .errors import CorruptImageError, DataError
+from .images import ImageBatch, collate_images, cut_long_side, stack_images, stored_size
+
 if TYPE_CHECKING:  # pragma: no cover
     from dmlcore.config import RunConfig
 
@@ -34,19 +38,6 @@ log = logging.getLogger("dmlcore.data")
 
 # The context every dataset factory may ask for (see docs/architecture.md).
 DATASET_CONTEXT = ("root", "image_size", "seed", "on_corrupt")
-
-
-class DataError(ValueError):
-    """Unusable data, layout, split or batch composition. ``str(err)`` is one line for the user."""
-
-
-class CorruptImageError(DataError):
-    """An image file that cannot be decoded; ``path`` names it."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"unreadable image {path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def stable_seed(*parts: Any) -> int:
@@ -231,17 +222,15 @@ def decode_image(path: str, short_side: int | None = None) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            if short_side is not None and img.format == "JPEG":
-                w, h = img.size
-                s = short_side / min(w, h)
-                img.draft("RGB", (max(1, round(w * s)), max(1, round(h * s))))
-            img = img.convert("RGB")
             if short_side is not None:
-                w, h = img.size
-                s = short_side / min(w, h)
-                size = (max(short_side, round(w * s)), max(short_side, round(h * s)))
-                if size != (w, h):
-                    img = img.resize(size, Image.BILINEAR, reducing_gap=3.0)
+                w0, h0 = img.size  # the target size comes from the original size, not the draft's
+                s = short_side / min(w0, h0)
+                size = (max(short_side, round(w0 * s)), max(short_side, round(h0 * s)))
+                if img.format == "JPEG":
+                    img.draft("RGB", size)
+            img = img.convert("RGB")
+            if short_side is not None and size != img.size:
+                img = img.resize(size, Image.BILINEAR, reducing_gap=3.0)
             arr = np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -274,20 +263,29 @@ class TensorStore:
         return f"<in-memory #{i}>"
 
 
-def _center_square(arr: np.ndarray) -> np.ndarray:
-    h, w = arr.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    return arr[top : top + s, left : left + s]
+def image_size_of(path: str) -> tuple[int, int]:
+    """``(w, h)`` of an image file from its header (no decoding)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CorruptImageError(str(path), reason) from None
 
 
 class FileStore:
-    """Decodes file ``i`` of a :class:`FileSource` to a uint8 tensor ``3 x s x s``.
+    """Decodes file ``i`` of a :class:`FileSource` to a **whole** uint8 image ``3 x h x w``.
 
-    The shorter side is resized to ``short_side`` and the central square kept, so that
-    every image of a split has one size and batches of uint8 images can be augmented
-    on the device. With ``cache_dir`` the whole dataset is decoded once per node into a
-    memory-mapped array (:mod:`dmlcore.data.cache`) shared by every later run there.
+    The shorter side is resized to ``short_side`` and the aspect ratio kept (the longer
+    side cut to at most 3x the shorter, :data:`dmlcore.data.images.MAX_ASPECT`), so that a
+    training crop can come from anywhere in the image as the reference's
+    RandomResizedCrop on the whole image (``R: datasets/basic_dataset_scaffold.py:37-38``).
+    Batches of such images are :class:`~dmlcore.data.images.ImageBatch` es (padded, with
+    each image's extent) that the transforms augment on the device. With ``cache_dir`` the
+    whole dataset is decoded once per node into a memory-mapped file
+    (:mod:`dmlcore.data.cache`) shared by every later run there.
     """
 
     def __init__(self, source: FileSource, short_side: int, cache_dir: str | None = None) -> None:
@@ -298,14 +296,19 @@ class FileStore:
             from .cache import DecodedCache
 
             self.cache = DecodedCache(cache_dir, source.name, source.paths, self.short_side)
-            self.cache.ensure(self.decode)
+            self.cache.ensure(self.decode, self.stored_hw)
 
     def path(self, i: int) -> str:
         return self.source.paths[i]
 
+    def stored_hw(self, i: int) -> tuple[int, int]:
+        """``(h, w)`` that :meth:`decode` gives file ``i``, from its header."""
+        w, h = stored_size(*image_size_of(self.source.paths[i]), self.short_side)
+        return h, w
+
     def decode(self, i: int) -> np.ndarray:
-        """File ``i`` decoded and resized to ``short_side x short_side x 3`` (no cache)."""
-        return _center_square(self.source.load(i, self.short_side))
+        """File ``i`` decoded, shorter side ``short_side``, aspect kept (``h x w x 3``, no cache)."""
+        return cut_long_side(self.source.load(i, self.short_side), self.short_side)
 
     def get(self, i: int) -> torch.Tensor:
         if self.cache is not None:
@@ -322,8 +325,8 @@ class FileStore:
         """Samples the cache found unreadable (their slots hold zeros)."""
         return self.cache.bad if self.cache is not None else {}
 
-    def gather(self, idx: np.ndarray) -> torch.Tensor:
-        """Samples ``idx`` as one uint8 batch, read from the decoded cache."""
+    def gather(self, idx: np.ndarray) -> "torch.Tensor | ImageBatch":
+        """Samples ``idx`` as one uint8 batch (an ImageBatch when sizes differ), read from the decoded cache."""
         if self.cache is None:
             raise RuntimeError("FileStore.gather needs data.cache_dir")
         return self.cache.gather(idx)
@@ -388,14 +391,18 @@ class LabeledDataset(Dataset):
 
     def gather(self, js: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Items ``js`` as one untransformed uint8 batch ``B x 3 x h x w`` (one bulk read from
-        the in-memory tensor or the decoded cache), with the on_corrupt policy applied."""
+        the in-memory tensor or the decoded cache; an :class:`ImageBatch` when the whole
+        images differ in size), with the on_corrupt policy applied."""
         js = np.asarray(js, dtype=np.int64)
         batch = self.store.gather(self.indices[js])
         bad = self.store.bad
         if bad or self._bad:
-            for k, j in enumerate(js.tolist()):
-                if j in self._bad or int(self.indices[j]) in bad:
-                    batch[k] = self.get_uint8(j)
+            fix = [k for k, j in enumerate(js.tolist()) if j in self._bad or int(self.indices[j]) in bad]
+            if fix:
+                images = [batch[k] for k in range(len(js))]
+                for k in fix:
+                    images[k] = self.get_uint8(int(js[k]))
+                batch = stack_images(images)
         return batch
 
     def get_uint8(self, j: int) -> torch.Tensor:
@@ -437,7 +444,10 @@ class LabeledDataset(Dataset):
 
 
 class Uint8View(Dataset):
-    """``(uint8 image 3 x s x s, label)`` items of a :class:`LabeledDataset` (no transform)."""
+    """``(uint8 image 3 x h x w, label)`` items of a :class:`LabeledDataset` (no transform);
+    a DataLoader batches them with :data:`collate_fn` (images of different sizes)."""
+
+    collate_fn = staticmethod(collate_images)
 
     def __init__(self, ds: "LabeledDataset") -> None:
         self.ds = ds
@@ -647,6 +657,21 @@ def load_short_side(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
+STORE_FACTOR = 1.5
+"""Default stored shorter side of file images: 1.5 x the eval resize side (384 px at
+``image_size`` 224). The reference crops RandomResizedCrop from the full JPEG
+(``R: datasets/basic_dataset_scaffold.py:37-38,79``); CUB-200's images are mostly
+500 x 375 or 375 x 500, so 384 keeps them at about their original resolution, and an
+8%-area crop is cut from ~125 px of real pixels (a 256-px square gave ~72 px). Larger
+originals (CARS, SOP) are stored at 384 on their shorter side: a cap on the cache size
+(a deliberate deviation; ``data.store_side`` raises it)."""
+
+
+def store_short_side(image_size: int, store_side: int | None = None) -> int:
+    """Shorter side that file images are stored at (``data.store_side`` or the default above)."""
+    return int(store_side) if store_side else int(round(STORE_FACTOR * load_short_side(image_size)))
+
+
 def build_source(cfg: "RunConfig") -> Source:
     from dmlcore import registry
 
@@ -684,7 +709,7 @@ def build_data(cfg: "RunConfig") -> DataBundle:
     if source.in_memory:
         store: TensorStore | FileStore = TensorStore(source.tensor())  # type: ignore[attr-defined]
     elif isinstance(source, FileSource):
-        store = FileStore(source, load_short_side(d.image_size), d.cache_dir)
+        store = FileStore(source, store_short_side(d.image_size, d.store_side), d.cache_dir)
     else:
         raise DataError(f"{source.name}: a Source must be an ArraySource or a FileSource")
 
@@ -692,7 +717,7 @@ def build_data(cfg: "RunConfig") -> DataBundle:
         "augmentation", d.augmentation, d.augmentation_params, key="data.augmentation_params",
         image_size=d.image_size, flip_ok=source.flip_ok,
     )
-    eval_tf = eval_transform(d.image_size)
+    eval_tf = eval_transform(d.image_size, getattr(train_tf, "eval_crop", None))  # 'big' tests at 256
 
     present = set(np.unique(source.labels).tolist())
 
