@@ -401,7 +401,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         runs = mod.load_runs(uri, ref)
     except ValueError as err:
         names = sorted(set(known) | set(executed_studies()))
-        raise UserError(f"{fail_line(err)}{suggestion(ref, names)}") from None
+        hint = "" if study is not None else suggestion(ref, [n for n in names if n != ref])
+        raise UserError(f"{fail_line(err)}{hint}") from None
     name = runs.attrs.get("study") or ref
     out = Path(args.out) if args.out else Path("runs") / str(name) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
