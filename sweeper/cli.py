@@ -4,6 +4,9 @@
     sweeper show STUDY [--quick] [--set k=v ...]             the expanded trial table
     sweeper run STUDY [--address A] [--resume] [--dry-run] [--quick] [--set k=v ...]
     sweeper analyze STUDY                                    the analyses again, on the stored runs
+
+STUDY is a study file, its stem (``fair_benchmark``) or the study's name
+(``revisiting_fair_benchmark``), looked for in ./studies and ./.
     sweeper list [KIND]                                      registries and their parameters
     sweeper keys [PREFIX]                                    every config key with its default
     sweeper ui [--port P] [--host H]                         MLflow UI on the same store
@@ -36,12 +39,20 @@ class UserError(ValueError):
     """A problem to report in one line."""
 
 
-def _console() -> Console:
-    return Console(highlight=False)
+# Outside a terminal (a pipe, nohup, a Slurm log) rich would wrap everything at 80
+# columns; there tables get the width they need (up to this) and nothing is folded.
+WIDTH_OUTSIDE_A_TERMINAL = 1000
+
+
+def _console(stderr: bool = False, **kw: Any) -> Console:
+    console = Console(stderr=stderr, highlight=False, **kw)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, highlight=False, width=WIDTH_OUTSIDE_A_TERMINAL, **kw)
+    return console
 
 
 def _err_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return _console(stderr=True, soft_wrap=True)
 
 
 def fail_line(err: BaseException | str) -> str:
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     r.add_argument(
         "--resume", nargs="?", const="latest", metavar="EXECUTION",
-        help="continue the latest (or the named) execution of this study",
+        help="continue the latest (or the named) execution of this study, with the --quick/--set it was started with",
     )
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     r.add_argument("--quick", action="store_true", help="apply the study's quick overrides")
@@ -157,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_show(args: argparse.Namespace) -> int:
     from dmlcore.config import parse_overrides
 
+    from .refs import resolve_study_file
     from .study import load_study
 
-    study = load_study(args.study, parse_overrides(args.overrides), quick=args.quick)
+    study = load_study(resolve_study_file(args.study), parse_overrides(args.overrides), quick=args.quick)
     print_study(study, _console())
     return 0
 
@@ -190,29 +202,80 @@ def print_study(study: Any, console: Console) -> None:
     console.print(f"[bold]{study.size} trials[/bold]" + (" (Optuna proposes them while running)" if study.is_search else ""))
 
 
+def remembered_flags(ref: str, args: argparse.Namespace, given: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
+    """``--resume``: (execution, --quick, --set) the execution was started with. Flags
+    given again must be the same; a change is refused with the commands that work."""
+    from dmlcore.config import read_yaml
+
+    from .hints import flags_text, run_command
+    from .tune import find_execution, read_state, storage_root
+
+    raw = read_yaml(ref)
+    name = raw.get("name") if isinstance(raw, dict) else None
+    if not isinstance(name, str):
+        return args.resume, args.quick, given  # load_study reports what is wrong with the file
+    root = storage_root(name, args.storage)
+    exec_dir = find_execution(root, args.resume if args.resume != "latest" else None)
+    state = read_state(exec_dir)
+    quick, overrides = bool(state.get("quick")), dict(state.get("overrides") or {})
+    if (args.quick or given) and (args.quick, given) != (quick, overrides):
+        storage = args.storage
+        raise UserError(
+            f"--resume: execution '{exec_dir.name}' was started with {flags_text(quick, overrides)} and "
+            f"resumes with them; continue it with: {run_command(ref, resume=exec_dir.name, storage=storage)}"
+            f" -- or start a new execution with: {run_command(ref, quick=args.quick, overrides=given, storage=storage)}"
+        )
+    return exec_dir.name, quick, overrides
+
+
+def dry_run_problems(study: Any, args: argparse.Namespace, resume: str | None) -> list[str]:
+    """The preflight of ``--dry-run`` (a cluster given by --address is joined to read its nodes)."""
+    from . import preflight
+    from .tune import _init_ray, plan_run, preflight_context
+
+    plan = plan_run(study, address=args.address, num_cpus=args.num_cpus, resume=resume, storage=args.storage,
+                    tracking_uri=args.tracking_uri)
+    ctx = preflight_context(plan)
+    problems = preflight.run_checks(ctx, [n for n in preflight.CHECKS if n not in ("resources", "data")]
+                                    if args.address else None)
+    if args.address and not problems:
+        started = _init_ray(args.address, args.num_cpus, False)
+        try:
+            problems = preflight.run_checks(ctx, ["resources", "data"])
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    return problems
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dmlcore.config import parse_overrides
 
     from . import tracking
+    from .refs import resolve_study_file
     from .study import load_study
     from .tune import storage_root
 
     console = _console()
-    study = load_study(args.study, parse_overrides(args.overrides), quick=args.quick)
+    ref = resolve_study_file(args.study)
+    quick, overrides, resume = args.quick, parse_overrides(args.overrides), args.resume
+    if args.resume:
+        resume, quick, overrides = remembered_flags(ref, args, overrides)
+    study = load_study(ref, overrides, quick=quick)
     if args.dry_run:
         print_study(study, console)
         uri = args.tracking_uri or tracking.default_tracking_uri()
         console.print(f"storage   {storage_root(study.name, args.storage)}", soft_wrap=True)
         console.print(f"tracking  {tracking.redact_uri(uri)}", soft_wrap=True)
         console.print(f"ray       {args.address or 'local'}" + (f" (num_cpus={args.num_cpus})" if args.num_cpus else ""))
-        from .weights import local_problems, needed_backbones, study_configs
+        from .preflight import PreflightError
 
-        needed = needed_backbones(study_configs(study))
-        if needed:
-            problems = local_problems(needed)
-            state = "[green]present[/green]" if not problems else f"[yellow]{escape(problems[0])}[/yellow]"
-            console.print(f"weights   {', '.join(needed)} (imagenet) on this machine: {state}", soft_wrap=True)
-        console.print("[dim]dry run: nothing started[/dim]")
+        problems = dry_run_problems(study, args, resume)
+        if problems:
+            raise PreflightError(problems)
+        console.print("[dim]dry run: preflight passed; nothing started[/dim]")
         return 0
     from .tune import run_study
 
@@ -221,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         study,
         address=args.address,
         num_cpus=args.num_cpus,
-        resume=args.resume,
+        resume=resume,
         storage=args.storage,
         tracking_uri=args.tracking_uri,
         console=console,
@@ -251,7 +314,8 @@ def print_outcome(outcome: Any, console: Console) -> None:
     for p in outcome.analysis_paths:
         console.print(f"analysis {p}", soft_wrap=True)
     if outcome.interrupted:
-        console.print("[yellow]interrupted:[/] continue with  sweeper run STUDY --resume", soft_wrap=True)
+        command = getattr(outcome, "resume_command", None) or f"sweeper run {outcome.study} --resume {outcome.execution}"
+        console.print(f"[yellow]interrupted:[/] continue with  {escape(command)}", soft_wrap=True)
 
 
 class _TrainReporter:
@@ -341,16 +405,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     mod = analysis_module()
     if mod is None or not hasattr(mod, "load_runs"):
         raise UserError("sweeper.analysis is not available in this installation")
+    from .refs import executed_studies, known_studies, resolve_study_file, suggestion
+
     uri = args.tracking_uri or tracking.default_tracking_uri()
     analyses = None
     ref = args.ref
     study = None
-    if ref.endswith((".yaml", ".yml")) or Path(ref).is_file():
+    known = known_studies()
+    if ref.endswith((".yaml", ".yml")) or Path(ref).is_file() or ref in known:
         from .study import load_study
 
-        study = load_study(ref)
+        study = load_study(resolve_study_file(ref))  # a file, or a file's stem / study name
         ref, analyses = study.name, (study.spec.analyses or None)
-    runs = mod.load_runs(uri, ref)
+    try:
+        runs = mod.load_runs(uri, ref)
+    except ValueError as err:
+        names = sorted(set(known) | set(executed_studies()))
+        hint = "" if study is not None else suggestion(ref, [n for n in names if n != ref])
+        raise UserError(f"{fail_line(err)}{hint}") from None
     name = runs.attrs.get("study") or ref
     out = Path(args.out) if args.out else Path("runs") / str(name) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -530,8 +602,6 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     cmd = ui_command(args)
     if args.print_command:
         print(" ".join(cmd))
@@ -541,10 +611,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _console().print(
         f"MLflow UI at http://{args.host}:{args.port}  (store {redact_uri(cmd[5])}); Ctrl-C stops it", soft_wrap=True
     )
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # This process becomes the MLflow server: SIGTERM/SIGHUP/Ctrl-C reach it, nothing is left listening.
+    os.execvp(cmd[0], cmd)
+    return 0  # pragma: no cover (execvp does not return)
 
 
 def _quiet_logs() -> None:
@@ -566,8 +637,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dmlcore.registry import RegistryError
     except ImportError:  # pragma: no cover
         RegistryError = KeyError  # type: ignore[assignment,misc]
+    from .preflight import PreflightError
+
     try:
         return COMMANDS[args.command](args)
+    except PreflightError as err:  # one line per problem
+        for problem in err.problems:
+            _err_console().print(f"[bold red]error:[/] {escape(fail_line(problem))}")
+        return EXIT_USAGE
     except (ValueError, RegistryError, ConnectionError) as err:
         _err_console().print(f"[bold red]error:[/] {escape(fail_line(err))}")
         return EXIT_USAGE

@@ -126,6 +126,7 @@ class LiveView:
         live: bool | None = None,
         title: str = "",
         max_rows: int = 25,
+        request: dict[str, float] | None = None,
     ):
         self.metric, self.mode, self.keys, self.total = metric, mode, list(keys), total
         self.console = console or Console()
@@ -138,6 +139,10 @@ class LiveView:
         self._last_draw = 0.0
         self.start_time = time.time()
         self.ended = False
+        self.request = dict(request or {})
+        """What each trial asks Ray for (``{"CPU": 1, "GPU": 0.25}``): named when trials wait."""
+        self._pending_since: float | None = None
+        self._pending_said = False
 
     # --- lifecycle
     def __enter__(self) -> "LiveView":
@@ -279,6 +284,25 @@ class LiveView:
                 best = r
         return best
 
+    # --- trials that do not start
+    def watch_pending(self, trials: Iterable[Any], now: float | None = None) -> str | None:
+        """Once trials have all stayed PENDING for :data:`PENDING_WARN_S` (none running),
+        print why (what each asks, what Ray has free) once; returns that line."""
+        statuses = [getattr(t, "status", "") for t in trials]
+        if self._pending_said or "PENDING" not in statuses or "RUNNING" in statuses:
+            self._pending_since = None
+            return None
+        now = time.time() if now is None else now
+        if self._pending_since is None:
+            self._pending_since = now
+            return None
+        if now - self._pending_since < PENDING_WARN_S:
+            return None
+        self._pending_said = True
+        line = pending_reason(self.request, *_ray_resources(), waited=now - self._pending_since)
+        self.console.print(f"[yellow]waiting:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        return line
+
     # --- output
     def log(self, row: Row, what: str) -> None:
         if self.live_enabled:
@@ -350,6 +374,39 @@ class LiveView:
         return Group(*parts)
 
 
+# ----------------------------------------------------------------------------- pending trials
+PENDING_WARN_S = 60.0
+"""Trials all PENDING this long (none running) get a line saying why."""
+
+
+def _ray_resources() -> tuple[dict[str, float], dict[str, float]]:
+    """(available, total) resources of the Ray cluster this driver uses ({} without Ray)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            return dict(ray.available_resources()), dict(ray.cluster_resources())
+    except Exception:
+        pass
+    return {}, {}
+
+
+def pending_reason(request: dict[str, float], available: dict[str, float], total: dict[str, float],
+                   waited: float) -> str:
+    """Why no trial starts: what each asks against what Ray has free (Tune's own
+    "insufficient resources" warning, which the sweeper keeps quiet, said in one line)."""
+    def fmt(d: dict[str, float], k: str) -> str:
+        return f"{d.get(k, 0):g}"
+
+    asks = ", ".join(f"{k}={v:g}" for k, v in request.items() if v) or "nothing"
+    short_of = [k for k, v in request.items() if v and available.get(k, 0) < v]
+    have = ", ".join(f"{k} {fmt(available, k)} free of {fmt(total, k)}" for k in (request or {"CPU": 0}))
+    why = (f"not enough {' and '.join(short_of)} free" if short_of
+           else "Ray has not placed them yet (other jobs or placement groups may hold the resources)")
+    return f"no trial has started for {waited:.0f} s: each asks {asks}; Ray has {have}; {why}"
+
+
 # ----------------------------------------------------------------------------- proxy
 _CURRENT: list[LiveView] = []
 
@@ -382,6 +439,8 @@ class LiveCallback(_TuneCallback):  # type: ignore[misc,valid-type]
         v = self._view()
         if v is not None and (v._live is not None or iteration % 20 == 0):
             v.sync(trials)
+        if v is not None:
+            v.watch_pending(trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if (v := self._view()) is not None:

@@ -12,13 +12,23 @@
   (one ``log_batch``) and to Tune (``tune.report``, checkpoints through a temporary
   directory and ``Checkpoint.from_directory``). A restarted trial resumes from
   ``tune.get_checkpoint()``.
-* ``resume``: ``Tuner.restore(resume_unfinished=True, resume_errored=True)``; finished
-  trials are not re-run, and the MLflow child run is found again by its ``trial_key``
-  tag instead of being duplicated.
+* :func:`run_study` is plan -> preflight -> launch -> record: :func:`plan_run` decides
+  the execution (reads ``sweeper.json`` on resume, writes nothing), :mod:`sweeper.preflight`
+  checks it on the driver in seconds (before Ray starts a trial), :func:`launch` runs
+  what is left in a fresh Tune experiment, and the record (:func:`open_record`, then
+  :func:`_settle_mlflow` and :func:`_finish_parent`) is where the driver writes MLflow.
+* ``resume``: never ``Tuner.restore`` (it unpickles files of the storage folder). The
+  trials an earlier attempt finished come from MLflow (child runs by ``trial_key``) and
+  are not re-run; the others start again in a new Tune experiment
+  ``<execution>/resume-<n>/``, each from its latest checkpoint (a torch file read with
+  ``weights_only=True``) in its own MLflow run; a search gives Optuna the finished
+  points with their metric.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import logging
 import math
@@ -27,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from dmlcore.config import ConfigError, RunConfig
 
@@ -66,6 +76,9 @@ class TrialContext:
     (Tune starts it in its trial directory)."""
     """The trial's CPU share (``resources.cpu``), handed to dmlcore as ``DMLCORE_NUM_CPUS``
     (it sizes the DataLoader workers of ``data.num_workers: -1`` to it, not to the node)."""
+    resume_from: dict[str, str] = field(default_factory=dict)
+    """trial_key -> the latest checkpoint file an earlier attempt of the execution left
+    (``--resume``); read with ``weights_only=True`` like every checkpoint."""
 
 
 def trial_key(execution: str, index: int | None, trial_id: str) -> str:
@@ -191,6 +204,11 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
         with ckpt.as_directory() as d:
             resume = dict(load_checkpoint(Path(d) / "checkpoint.pt"))
+    elif key in ctx.resume_from:  # --resume: where the previous attempt of this trial stopped
+        from dmlcore.train import load_checkpoint
+
+        resume = dict(load_checkpoint(ctx.resume_from[key]))
+    if resume is not None:
         if logger is not None:  # where this attempt picks up (a restarted trial or a resumed study)
             logger.tracker.set_tags(logger.run_id, {"resumed_from_epoch": int(resume.get("epoch", 0))})
 
@@ -253,6 +271,8 @@ class StudyOutcome:
     analysis_paths: list[Path] = field(default_factory=list)
     interrupted: bool = False
     total: int = 0
+    resume_command: str | None = None
+    """The command that continues this execution (``sweeper run PATH --resume EXECUTION ...``)."""
 
     def ranked(self) -> list[TrialOutcome]:
         ok = [t for t in self.trials if t.status in ("done", "stopped") and t.value is not None and math.isfinite(t.value)]
@@ -344,8 +364,13 @@ def required_metrics(study: ResolvedStudy) -> dict[str, str]:
     return req
 
 
-def build_tune_config(study: ResolvedStudy) -> tuple[Any, Any]:
-    """(TuneConfig, param_space) for a study."""
+def build_tune_config(
+    study: ResolvedStudy,
+    trials: list[Any] | None = None,
+    evaluated: list[tuple[dict[str, Any], float]] | None = None,
+) -> tuple[Any, Any]:
+    """(TuneConfig, param_space) for a study: every grid trial (or just ``trials``); a
+    search's samples (less the ``evaluated`` ones, given to Optuna as finished trials)."""
     from ray import tune
 
     spec = study.spec
@@ -363,11 +388,16 @@ def build_tune_config(study: ResolvedStudy) -> tuple[Any, Any]:
             sampler = optuna.samplers.TPESampler(**kw)
         else:
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
-        search_alg = OptunaSearch(space=optuna_space(study), metric=spec.metric, mode=spec.mode, sampler=sampler)
+        evaluated = list(evaluated or [])
+        search_alg = OptunaSearch(
+            space=optuna_space(study), metric=spec.metric, mode=spec.mode, sampler=sampler,
+            points_to_evaluate=[p for p, _ in evaluated] or None,
+            evaluated_rewards=[r for _, r in evaluated] or None,
+        )
         param_space = None
-        num_samples = s.samples
+        num_samples = max(s.samples - len(evaluated), 0)
     else:
-        points = [{"index": t.index, "overrides": t.overrides} for t in study.trials]
+        points = [{"index": t.index, "overrides": t.overrides} for t in (study.trials if trials is None else trials)]
         param_space = {"point": tune.grid_search(points)}
         num_samples = 1
     if spec.scheduler is not None:
@@ -428,14 +458,29 @@ def find_execution(root: Path, name: str | None = None) -> Path:
         d = root / name
         if not (d / STATE_FILE).is_file():
             known = sorted(p.parent.name for p in root.glob(f"*/{STATE_FILE}"))
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"--resume {name}: no study execution at {d}" + (f"; executions: {', '.join(known)}" if known else "")
+                f"--resume {name}: no study execution at {d}{hint}"
+                + (f"; executions: {', '.join(known)}" if known else "")
             )
         return d
     found = sorted(root.glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise ConfigError(f"--resume: no earlier execution of this study under {root}")
     return found[-1].parent
+
+
+def read_state(exec_dir: Path) -> dict[str, Any]:
+    """An execution's ``sweeper.json`` (plain JSON: resume never unpickles anything)."""
+    path = exec_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: cannot read {path}: {err}") from None
+    if not isinstance(state, dict) or not {"experiment_id", "parent_run_id", "tracking_uri"} <= set(state):
+        raise ConfigError(f"--resume: {path} is not a sweeper execution state")
+    return state
 
 
 def _resume_uri(stored: str, given: str | None, source: str) -> str:
@@ -481,6 +526,317 @@ def _quiet_tune(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+# ----------------------------------------------------------------------------- 1. plan
+@dataclass
+class RunPlan:
+    """What one ``sweeper run`` will do, decided before anything starts or is written."""
+
+    study: ResolvedStudy
+    root: Path
+    """The storage folder of the study (``runs/<study>``, absolute)."""
+    execution: str
+    uri: str
+    resume: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    """The execution's ``sweeper.json`` (resume) or the one to write."""
+    address: str | None = None
+    num_cpus: int | None = None
+    custom_storage: bool = False
+
+    @property
+    def exec_dir(self) -> Path:
+        return self.root / self.execution
+
+    @property
+    def resume_command(self) -> str:
+        from .hints import run_command
+
+        return run_command(self.study.source, resume=self.execution,
+                           storage=self.root if self.custom_storage else None)
+
+
+def plan_run(
+    study: ResolvedStudy,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    resume: str | bool | None = None,
+    storage: str | Path | None = None,
+    tracking_uri: str | None = None,
+) -> RunPlan:
+    """The execution to start or continue, its storage folder and tracking URI. Reads
+    ``sweeper.json`` on resume; writes nothing. A changed study is refused here."""
+    from .hints import flags_text, run_command
+
+    root = storage_root(study.name, storage)
+    custom = storage is not None and root != storage_root(study.name)
+    if not resume:
+        return RunPlan(study, root, new_execution_name(root), tracking_uri or tracking.default_tracking_uri(),
+                       address=address, num_cpus=num_cpus, custom_storage=custom)
+    exec_dir = find_execution(root, resume if isinstance(resume, str) else None)
+    state = read_state(exec_dir)
+    if state.get("fingerprint") != study.fingerprint():
+        started = flags_text(bool(state.get("quick")), state.get("overrides") or {})
+        raise ConfigError(
+            f"{study.source}: the study (or its --set/--quick) changed since execution "
+            f"'{exec_dir.name}' started (it ran with {started}); run without --resume to start a new execution: "
+            + run_command(study.source, quick=study.quick, overrides=study.overrides, storage=root if custom else None)
+        )
+    uri = _resume_uri(state["tracking_uri"], tracking_uri, study.source)
+    return RunPlan(study, root, exec_dir.name, uri, resume=True, state=state, address=address,
+                   num_cpus=num_cpus, custom_storage=custom)
+
+
+# ----------------------------------------------------------------------------- 2. preflight
+def preflight_context(plan: RunPlan) -> Any:
+    from . import preflight
+
+    return preflight.Context(plan.study, plan.root, plan.uri, address=plan.address, num_cpus=plan.num_cpus)
+
+
+def check_plan(plan: RunPlan, only: Any = None) -> None:
+    """The driver-side preflight (:mod:`sweeper.preflight`): raises ``PreflightError``."""
+    from . import preflight
+
+    preflight.ensure(preflight_context(plan), only)
+
+
+# ----------------------------------------------------------------------------- 4. record (opening)
+@dataclass
+class Record:
+    """The execution's MLflow side on the driver: the parent run and, on resume, the
+    trials an earlier attempt finished. The only place the driver writes to MLflow
+    (with :func:`_settle_mlflow` and :func:`_finish_parent` at the end)."""
+
+    tracker: tracking.Tracker
+    experiment_id: str
+    parent_run_id: str
+    earlier: list[TrialOutcome] = field(default_factory=list)
+    """Trials finished by an earlier attempt (resume): not run again."""
+    resume_from: dict[str, str] = field(default_factory=dict)
+    """trial_key -> latest checkpoint of an unfinished trial of an earlier attempt."""
+    evaluated: list[tuple[dict[str, Any], float]] = field(default_factory=list)
+    """A search's finished points (Optuna encoding) and their metric, for the searcher."""
+
+
+def open_record(plan: RunPlan) -> Record:
+    """Create the parent run and ``sweeper.json`` (a new execution) or reopen them (resume)."""
+    study, spec = plan.study, plan.study.spec
+    tracker = tracking.Tracker(plan.uri)
+    exec_dir = plan.exec_dir
+    if plan.resume:
+        state = plan.state
+        rec = Record(tracker, state["experiment_id"], state["parent_run_id"])
+        tracker.set_status(rec.parent_run_id, "RUNNING")
+        state["resumes"] = int(state.get("resumes", 0)) + 1
+        tracker.set_tags(rec.parent_run_id, {"resumes": state["resumes"]})
+        _write_state(exec_dir, state)
+        _read_earlier(plan, rec)
+        return rec
+    exec_dir.mkdir(parents=True)
+    experiment_id = tracker.experiment_id(spec.name)
+    parent_tags = {
+        tracking.TAG_STUDY: spec.name,
+        tracking.TAG_EXECUTION: plan.execution,
+        tracking.TAG_ROLE: "study",
+        "study_file": study.source,
+        "study_size": study.size,
+        "storage": str(exec_dir),
+        "fingerprint": study.fingerprint(),
+        **({"quick": "true"} if study.quick else {}),
+        **tracking.version_tags(),
+        **tracking.git_info(),
+        **tracking.host_tags(),
+    }
+    parent_run_id = tracker.create_run(experiment_id, f"{spec.name}/{plan.execution}", parent_tags)
+    if spec.description:
+        tracker.set_tags(parent_run_id, {"mlflow.note.content": spec.description})
+    tracker.log_params(parent_run_id, _study_params(study))
+    if study.path is not None and study.path.is_file():
+        tracker.log_text(parent_run_id, study.path.read_text(), "study.yaml")
+    tracker.log_text(parent_run_id, study.base.to_yaml(), "base_config.yaml")
+    if study.trials:
+        tracker.log_text(
+            parent_run_id,
+            json.dumps([{"index": t.index, **t.overrides} for t in study.trials], indent=1, default=str),
+            "trials.json",
+        )
+    plan.state = {
+        "study": spec.name,
+        "execution": plan.execution,
+        "study_file": study.source,
+        "fingerprint": study.fingerprint(),
+        "quick": study.quick,
+        "overrides": study.overrides,
+        "storage": str(plan.root) if plan.custom_storage else None,
+        "tracking_uri": tracking.redact_uri(plan.uri),  # never a password on disk
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_state(exec_dir, plan.state)
+    return Record(tracker, experiment_id, parent_run_id)
+
+
+def _write_state(exec_dir: Path, state: Mapping[str, Any]) -> None:
+    tmp = exec_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    os.replace(tmp, exec_dir / STATE_FILE)
+
+
+def latest_checkpoint(exec_dir: Path, trial_id: str) -> Path | None:
+    """The newest ``checkpoint.pt`` Tune kept for trial ``trial_id`` under ``exec_dir``
+    (any attempt's experiment folder); a torch file, read with ``weights_only=True``."""
+    best: tuple[int, float, Path] | None = None
+    for tdir in exec_dir.rglob(f"trial_{trial_id}"):
+        for ck in tdir.glob("checkpoint_*/checkpoint.pt"):
+            try:
+                n = int(ck.parent.name.rsplit("_", 1)[-1])
+            except ValueError:
+                continue
+            key = (n, ck.stat().st_mtime, ck)
+            if best is None or key[:2] > best[:2]:
+                best = key
+    return best[2] if best else None
+
+
+def _search_point(study: ResolvedStudy, params: Mapping[str, str]) -> dict[str, Any] | None:
+    """A finished search trial's point in Optuna's encoding, from its MLflow params (text)."""
+    point: dict[str, Any] = {}
+    for key, prm in study.spec.search.space.items():
+        text = params.get(key)
+        if text is None:
+            return None
+        try:
+            if isinstance(prm, FloatParam):
+                point[key] = float(text)
+            elif isinstance(prm, IntParam):
+                point[key] = int(text)
+            else:
+                match = [v for v in prm.values if tracking.stringify(v) == text]
+                if not match:
+                    return None
+                v = match[0]
+                point[key] = v if _scalar(v) else json.dumps(v, sort_keys=True)
+        except ValueError:
+            return None
+    return point
+
+
+def _read_earlier(plan: RunPlan, rec: Record) -> None:
+    """What an earlier attempt left, from MLflow (the child runs) and the checkpoints:
+    finished trials are kept, unfinished ones continue from their latest checkpoint."""
+    study, spec = plan.study, plan.study.spec
+    by_index = {t.index: t for t in study.trials}
+    for run in rec.tracker.children(rec.experiment_id, rec.parent_run_id):
+        tags, metrics = run.data.tags, run.data.metrics
+        key = tags.get(tracking.TAG_TRIAL_KEY)
+        tid = tags.get(tracking.TAG_TRIAL_ID, "")
+        try:
+            index = int(tags[tracking.TAG_TRIAL_INDEX]) if tracking.TAG_TRIAL_INDEX in tags else None
+        except ValueError:
+            index = None
+        if run.info.status != "FINISHED":
+            ck = latest_checkpoint(plan.exec_dir, tid) if tid and index is not None else None
+            if ck is not None and key:
+                rec.resume_from[key] = str(ck)
+            continue
+        if study.is_search:
+            point = _search_point(study, run.data.params)
+            if point is None:
+                continue
+            over = decode_sample(study, dict(point))
+            value = metrics.get(spec.metric)
+            if value is None or not math.isfinite(value):
+                continue  # Optuna cannot score it: proposed again
+            rec.evaluated.append((point, float(value)))
+        elif index in by_index:
+            over = dict(by_index[index].overrides)
+        else:
+            continue
+        v = metrics.get(f"best/{spec.metric}", metrics.get(spec.metric))
+        be = metrics.get("best_epoch")
+        rec.earlier.append(TrialOutcome(
+            tid, index, over, "stopped" if tags.get("early_stopped") == "true" else "done",
+            float(v) if v is not None and math.isfinite(v) else None,
+            int(be) if be is not None else None, run_id=run.info.run_id, metrics=dict(metrics),
+        ))
+
+
+# ----------------------------------------------------------------------------- 3. launch
+_STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+@contextlib.contextmanager
+def stop_signals_as_ctrl_c() -> Iterator[list[int]]:
+    """SIGTERM and SIGHUP do what Ctrl-C does (Tune saves, stops the trials; the runs end
+    KILLED; Ray is shut down): each is handed to the SIGINT handler in place (Tune's
+    while it runs, else Python's, which raises KeyboardInterrupt). Yields the signals
+    received."""
+    import signal
+    import threading
+
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        got.append(signum)
+        h = signal.getsignal(signal.SIGINT)
+        if callable(h) and h is not signal.default_int_handler:
+            h(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    before = {}
+    for name in _STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            before[sig] = signal.signal(sig, handler)
+    try:
+        yield got
+    finally:
+        for sig, h in before.items():
+            signal.signal(sig, h)
+
+
+def launch(plan: RunPlan, rec: Record, ctx: TrialContext, view: Any) -> tuple[Any, bool]:
+    """Run what is left of the execution in a fresh Tune experiment: (results, interrupted).
+
+    A resumed execution never goes through ``Tuner.restore``: that unpickles the storage
+    folder's ``tuner.pkl`` and trial states, files anyone able to write there could have
+    crafted. The remaining trials come from MLflow and ``sweeper.json`` (JSON), the
+    checkpoints are torch files read with ``weights_only=True``."""
+    from ray import tune
+
+    from . import live as livemod
+
+    study, spec = plan.study, plan.study.spec
+    done = {t.index for t in rec.earlier if t.index is not None}
+    trials = [t for t in study.trials if t.index not in done] if not study.is_search else None
+    if (trials is not None and not trials) or (study.is_search and spec.search.samples <= len(rec.evaluated)):
+        return None, False
+    tune_config, param_space = build_tune_config(study, trials, rec.evaluated)
+    attempt = int(plan.state.get("resumes", 0))
+    run_config = tune.RunConfig(
+        name=plan.execution if attempt == 0 else f"resume-{attempt}",
+        storage_path=str(plan.root if attempt == 0 else plan.exec_dir),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[livemod.LiveCallback()],
+        verbose=0,
+    )
+    tuner = tune.Tuner(make_trainable(study, ctx), param_space=param_space, tune_config=tune_config,
+                       run_config=run_config)
+    with view:
+        try:
+            return _fit(tuner)
+        except KeyboardInterrupt:
+            return None, True
+
+
+# ----------------------------------------------------------------------------- the run
 def run_study(
     study: ResolvedStudy,
     *,
@@ -494,171 +850,91 @@ def run_study(
     verbose: bool = False,
     analyses: bool = True,
 ) -> StudyOutcome:
-    """Run (or, with ``resume``, continue) a study. Returns its :class:`StudyOutcome`."""
+    """Run (or, with ``resume``, continue) a study: plan -> preflight -> launch -> record.
+    Returns its :class:`StudyOutcome`."""
     from rich.console import Console
 
-    from ray import tune
-
-    from . import live as livemod
-
     console = console or Console()
-    spec = study.spec
-    root = storage_root(spec.name, storage)
-    root.mkdir(parents=True, exist_ok=True)
-
-    # --- the execution (checked before anything starts)
-    state: dict[str, Any] = {}
-    if resume:
-        exec_dir = find_execution(root, resume if isinstance(resume, str) else None)
-        state = json.loads((exec_dir / STATE_FILE).read_text())
-        if state.get("fingerprint") != study.fingerprint():
-            raise ConfigError(
-                f"{study.source}: the study (or its --set/--quick) changed since execution "
-                f"'{exec_dir.name}' started (it ran with --quick={state.get('quick')} "
-                f"--set {state.get('overrides') or {}}); run without --resume to start a new execution"
-            )
-        execution = exec_dir.name
-        uri = _resume_uri(state["tracking_uri"], tracking_uri, study.source)
-        if tracking_uri and tracking.redact_uri(tracking_uri) != tracking.redact_uri(uri):
-            console.print(
-                f"[yellow]note:[/] resuming with the execution's tracking URI {tracking.redact_uri(uri)}",
-                soft_wrap=True,
-            )
-    else:
-        execution = new_execution_name(root)
-        exec_dir = root / execution
-        uri = tracking_uri or tracking.default_tracking_uri()
-    if address and tracking.sqlite_path(uri) is not None:
+    # 1. plan: which execution, where; nothing written
+    plan = plan_run(study, address=address, num_cpus=num_cpus, resume=resume, storage=storage,
+                    tracking_uri=tracking_uri)
+    if resume and tracking_uri and tracking.redact_uri(tracking_uri) != tracking.redact_uri(plan.uri):
+        console.print(f"[yellow]note:[/] resuming with the execution's tracking URI {tracking.redact_uri(plan.uri)}",
+                      soft_wrap=True)
+    if address and tracking.sqlite_path(plan.uri) is not None:
         console.print(
             "[yellow]note:[/] trials on other nodes cannot write to the local SQLite store "
-            f"{uri}; set MLFLOW_TRACKING_URI to a tracking server for a multi-node cluster",
+            f"{plan.uri}; set MLFLOW_TRACKING_URI to a tracking server for a multi-node cluster",
             soft_wrap=True,
         )
-
-    # --- ImageNet weights: checked here before Ray starts, and on every trial node of a cluster
-    from .weights import check_study
-
-    if not address:
-        check_study(study)
-    # --- Ray (local, or join a cluster)
+    # 2. preflight: before Ray starts (a local run) or once joined (a cluster's nodes)
     _quiet_tune(verbose)
+    if address is None:
+        check_plan(plan)
     started_ray = _init_ray(address, num_cpus, verbose)
-    if address:
-        check_study(study, on_nodes=True)
+    try:
+        if address is not None:
+            check_plan(plan)
+        with stop_signals_as_ctrl_c():
+            outcome = _launch_and_record(plan, console, live, analyses)
+    finally:
+        if started_ray:
+            import ray
 
-    # --- the MLflow parent run
-    tracker = tracking.Tracker(uri)
-    if resume:
-        experiment_id = state["experiment_id"]
-        parent_run_id = state["parent_run_id"]
-        tracker.set_status(parent_run_id, "RUNNING")
-        state["resumes"] = int(state.get("resumes", 0)) + 1
-        tracker.set_tags(parent_run_id, {"resumes": state["resumes"]})
-        (exec_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
-    else:
-        exec_dir.mkdir(parents=True)
-        experiment_id = tracker.experiment_id(spec.name)
-        parent_tags = {
-            tracking.TAG_STUDY: spec.name,
-            tracking.TAG_EXECUTION: execution,
-            tracking.TAG_ROLE: "study",
-            "study_file": study.source,
-            "study_size": study.size,
-            "storage": str(exec_dir),
-            "fingerprint": study.fingerprint(),
-            **({"quick": "true"} if study.quick else {}),
-            **tracking.version_tags(),
-            **tracking.git_info(),
-            **tracking.host_tags(),
-        }
-        parent_run_id = tracker.create_run(experiment_id, f"{spec.name}/{execution}", parent_tags)
-        if spec.description:
-            tracker.set_tags(parent_run_id, {"mlflow.note.content": spec.description})
-        tracker.log_params(parent_run_id, _study_params(study))
-        if study.path is not None and study.path.is_file():
-            tracker.log_text(parent_run_id, study.path.read_text(), "study.yaml")
-        tracker.log_text(parent_run_id, study.base.to_yaml(), "base_config.yaml")
-        if study.trials:
-            tracker.log_text(
-                parent_run_id,
-                json.dumps([{"index": t.index, **t.overrides} for t in study.trials], indent=1, default=str),
-                "trials.json",
-            )
-        state = {
-            "study": spec.name,
-            "execution": execution,
-            "study_file": study.source,
-            "fingerprint": study.fingerprint(),
-            "quick": study.quick,
-            "overrides": study.overrides,
-            "tracking_uri": tracking.redact_uri(uri),  # never a password on disk
-            "experiment_id": experiment_id,
-            "parent_run_id": parent_run_id,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        (exec_dir / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+            ray.shutdown()
+    return outcome
 
+
+def _launch_and_record(plan: RunPlan, console: Any, live: bool | None, analyses: bool) -> StudyOutcome:
+    from . import live as livemod
+
+    study, spec = plan.study, plan.study.spec
+    rec = open_record(plan)  # 4a. record: the parent run
+    if rec.earlier:
+        console.print(f"resuming {plan.execution}: {len(rec.earlier)} of {study.size} trials finished earlier",
+                      soft_wrap=True)
     ctx = TrialContext(
         study=spec.name,
-        execution=execution,
+        execution=plan.execution,
         base=study.base.to_dict(),
         metric=spec.metric,
         mode=spec.mode,
         required=required_metrics(study),
-        tracking_uri=uri,
-        experiment_id=experiment_id,
-        parent_run_id=parent_run_id,
+        tracking_uri=plan.uri,
+        experiment_id=rec.experiment_id,
+        parent_run_id=rec.parent_run_id,
         tags={**tracking.version_tags(), **tracking.git_info()},
         decode=decode_map(study),
         env=tracking.forwarded_env(),
         cpus=float(spec.resources.cpu),
         cwd=os.getcwd(),
+        resume_from=rec.resume_from,
     )
-
-    # --- Tune
-    trainable = make_trainable(study, ctx)
-    if resume and tune.Tuner.can_restore(str(exec_dir)):
-        tuner = tune.Tuner.restore(str(exec_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tune_config, param_space = build_tune_config(study)
-        run_config = tune.RunConfig(
-            name=execution,
-            storage_path=str(root),
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[livemod.LiveCallback()],
-            verbose=0,
-        )
-        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-
     view = livemod.LiveView(
         spec.metric, spec.mode, study.varying_keys, study.size, console=console, live=live,
-        title=f"{spec.name} · {execution}",
+        title=f"{spec.name} · {plan.execution}",
+        request={"CPU": float(spec.resources.cpu), "GPU": float(spec.resources.gpu)},
     )
-    interrupted = False
-    results = None
-    with view:
-        try:
-            results, interrupted = _fit(tuner)
-        except KeyboardInterrupt:
-            interrupted = True
+    results, interrupted = launch(plan, rec, ctx, view)  # 3. launch
 
-    outcome = _collect(study, view, results, execution, exec_dir, uri, experiment_id, parent_run_id, interrupted)
+    # 4b. record: make MLflow agree with what happened, then the parent's summary
+    outcome = _collect(study, view, results, plan.execution, plan.exec_dir, plan.uri, rec.experiment_id,
+                       rec.parent_run_id, interrupted)
+    known = {trial_key(plan.execution, t.index, t.trial_id) for t in outcome.trials}
+    outcome.trials = sorted(
+        [t for t in rec.earlier if trial_key(plan.execution, t.index, t.trial_id) not in known] + outcome.trials,
+        key=lambda t: (t.index if t.index is not None else 10**9, t.trial_id),
+    )
+    outcome.resume_command = plan.resume_command
     outcome.interrupted = (
         interrupted
         or any(t.status in ("pending", "running", "interrupted") for t in outcome.trials)
         or len(outcome.trials) < study.size
     )
-    _settle_mlflow(tracker, outcome, ctx)
-
-    # --- analyses, parent summary
+    _settle_mlflow(rec.tracker, outcome, ctx)
     if analyses and not outcome.interrupted and spec.analyses:
-        outcome.analysis_paths = _run_analyses(study, outcome, tracker, console)
-    _finish_parent(tracker, outcome)
-    if started_ray:
-        import ray
-
-        ray.shutdown()
+        outcome.analysis_paths = _run_analyses(study, outcome, rec.tracker, console)
+    _finish_parent(rec.tracker, outcome)
     return outcome
 
 
