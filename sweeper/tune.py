@@ -212,6 +212,9 @@ class _FlatOnly:
 
 
 # ----------------------------------------------------------------------------- outcome
+TRIAL_STATUSES = ("done", "stopped", "failed", "pending", "running", "interrupted", "not started")
+"""Every status a trial of an outcome can have (parent-run tags ``trials_<status>``, spaces as ``_``)."""
+
 @dataclass
 class TrialOutcome:
     trial_id: str
@@ -856,7 +859,8 @@ def _finish_parent(tracker: tracking.Tracker, outcome: StudyOutcome) -> None:
     pid = outcome.parent_run_id
     try:
         c = outcome.counts()
-        tracker.set_tags(pid, {f"trials_{k}": v for k, v in c.items()})
+        # every status, 0 when absent: a resumed execution overwrites the counts of the last one
+        tracker.set_tags(pid, {f"trials_{k.replace(' ', '_')}": c.get(k, 0) for k in dict.fromkeys((*TRIAL_STATUSES, *c))})
         best = outcome.best
         if best is not None:
             tracker.log_metrics(pid, {f"best/{outcome.metric}": best.value}, step=0)

@@ -48,6 +48,9 @@ class CorruptImageError(DataError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):  # rebuilt from (path, reason): pickle (Ray, DataLoader workers) calls cls(*args)
+        return (type(self), (self.path, self.reason))
+
 
 def stable_seed(*parts: Any) -> int:
     """A process-independent 63-bit seed from strings/ints (``hash()`` is salted per process)."""
