@@ -273,6 +273,11 @@ def error_line(err: BaseException | str) -> str:
     if isinstance(err, str):
         lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
         return redact(lines[-1]) if lines else "error"
+    from .errors import worker_death_line
+
+    died = worker_death_line(str(err))  # Ray's ActorDiedError: the real reason, not its first line
+    if died is not None:
+        return redact(died)
     inner = unwrap_worker_error(err)
     if inner is not None:  # the worker's error, not PyTorch's wrapper around it
         name, msg = inner
