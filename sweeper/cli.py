@@ -135,7 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     u.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     u.add_argument("--print-command", action="store_true", help=argparse.SUPPRESS)
+    for sp_ in sub.choices.values():  # every command: the user's own registry entries (docs/plugins.md)
+        sp_.add_argument(
+            "--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+            help="import this module first (it registers losses, datasets, ...); repeatable",
+        )
     return p
+
+
+def load_cli_plugins(modules: list[str]) -> None:
+    """``--plugin`` modules: imported now and added to ``$DML_PLUGINS`` (so trials import them too)."""
+    if not modules:
+        return
+    from dmlcore import plugins
+
+    names = plugins.load(modules, "--plugin")
+    os.environ[plugins.ENV_VAR] = ",".join(plugins.parse([*plugins.env_plugins(), *names]))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -362,6 +377,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                 f"{p}=[italic]required[/italic]" if d is inspect.Parameter.empty else f"{p}={escape(repr(d))}"
                 for p, d in params.items()
             )
+            module = registry.entry_module(kind, name)
+            if not module.startswith("dmlcore."):  # a plug-in: say where it comes from
+                doc = f"[plugin {module}] {doc}".strip()
             table.add_row(name, ps or "[dim]—[/dim]", escape(doc))
         console.print(table)
     return 0
@@ -485,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         RegistryError = KeyError  # type: ignore[assignment,misc]
     try:
+        load_cli_plugins(getattr(args, "plugins", []))
         return COMMANDS[args.command](args)
     except (ValueError, RegistryError, ConnectionError) as err:
         _err_console().print(f"[bold red]error:[/] {escape(fail_line(err))}")

@@ -229,6 +229,8 @@ class Study(_Model):
     max_failures: int = Field(0, ge=-1)
     """Retries of a failed trial (Ray Tune FailureConfig; -1 = unlimited)."""
     analyses: list[str | dict[str, dict[str, Any] | None]] = Field(default_factory=list)
+    plugins: list[str] = Field(default_factory=list)
+    """Modules to import first (the driver and every trial): a user's own losses, datasets, ... (docs/plugins.md)."""
     quick: dict[str, Any] = Field(default_factory=dict)
     """Dotted overrides applied by ``--quick`` (also ``seeds``, ``search.samples``, ``max_concurrent``)."""
 
@@ -409,6 +411,10 @@ def resolve_study(
         raise ConfigError(_format_study_error(err, source)) from None
     overrides = dict(overrides or {})
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    if spec.plugins:  # before any registry name is checked
+        from dmlcore import plugins as _plugins
+
+        _plugins.load(spec.plugins, f"{source}: plugins")
 
     # --- quick variant: study-level keys first, the rest are config overrides
     run_quick: dict[str, Any] = {}

@@ -59,6 +59,10 @@ class TrialContext:
     env: dict[str, str] = field(default_factory=dict, repr=False)
     """The driver's MLflow client settings (``MLFLOW_TRACKING_TOKEN``, ...), applied by each
     trial before it connects: workers on other nodes do not inherit the driver's environment."""
+    plugins: list[str] = field(default_factory=list)
+    """Plug-in modules (the study's ``plugins`` and ``$DML_PLUGINS``) each trial imports first."""
+    plugin_paths: list[str] = field(default_factory=list)
+    """Where the driver found them (tried when Ray's runtime_env did not ship them)."""
     cpus: float | None = None
     """The trial's CPU share (``resources.cpu``), handed to dmlcore as ``DMLCORE_NUM_CPUS``
     (it sizes the DataLoader workers of ``data.num_workers: -1`` to it, not to the node)."""
@@ -131,6 +135,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
+    if ctx.plugins:  # the user's registry entries, before the config is built
+        from dmlcore import plugins
+
+        plugins.load(ctx.plugins, "plugins", ctx.plugin_paths)
     index, overrides = split_config(config)
     overrides = decode_values(overrides, ctx.decode)
     trial_id = tune.get_context().get_trial_id() or "local"
@@ -447,15 +455,23 @@ def _resume_uri(stored: str, given: str | None, source: str) -> str:
     return stored
 
 
-def _init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
-    """Start or join Ray unless already initialised. Returns whether we started it."""
+def _init_ray(address: str | None, num_cpus: int | None, verbose: bool, plugins: list[str] | None = None) -> bool:
+    """Start or join Ray unless already initialised. Returns whether we started it.
+    ``plugins``: module names shipped to every worker (runtime_env ``py_modules`` + ``$DML_PLUGINS``)."""
     import ray
 
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.WARNING)
+    if plugins:
+        from dmlcore import plugins as plugmod
+
+        renv: dict[str, Any] = {"env_vars": {plugmod.ENV_VAR: ",".join(plugins)}}
+        if plugmod.ship_paths(plugins):
+            renv["py_modules"] = plugmod.ship_paths(plugins)
+        kw["runtime_env"] = renv
     if address and address.startswith("ray://"):
-        ray.init(address=address)  # Ray Client: the Tuner runs on the cluster's head node
+        ray.init(address=address, **({"runtime_env": kw["runtime_env"]} if "runtime_env" in kw else {}))  # Ray Client
     elif address:
         ray.init(address=address, **kw)
     else:
@@ -531,7 +547,11 @@ def run_study(
 
     # --- Ray (local, or join a cluster)
     _quiet_tune(verbose)
-    started_ray = _init_ray(address, num_cpus, verbose)
+    from dmlcore import plugins as plugmod
+
+    plugin_mods = plugmod.parse([*spec.plugins, *plugmod.env_plugins()])
+    plugmod.load(plugin_mods, "plugins")
+    started_ray = _init_ray(address, num_cpus, verbose, plugin_mods)
 
     # --- the MLflow parent run
     tracker = tracking.Tracker(uri)
@@ -599,6 +619,8 @@ def run_study(
         decode=decode_map(study),
         env=tracking.forwarded_env(),
         cpus=float(spec.resources.cpu),
+        plugins=plugin_mods,
+        plugin_paths=plugmod.search_paths(plugin_mods),
     )
 
     # --- Tune
