@@ -199,6 +199,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     console = _console()
     study = load_study(args.study, parse_overrides(args.overrides), quick=args.quick)
+    from .study import tuning_warning
+
+    if (warning := tuning_warning(study.spec)) is not None:  # once per command
+        _err_console().print(f"[yellow]warning:[/] {escape(warning)}")
     if args.dry_run:
         print_study(study, console)
         uri = args.tracking_uri or tracking.default_tracking_uri()

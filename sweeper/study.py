@@ -615,6 +615,25 @@ def resolve_study(
     return resolved
 
 
+def tuning_warning(spec: Study) -> str | None:
+    """The warning for a search or ASHA that optimises a ``test/`` metric (the zero-shot
+    test classes), else None."""
+    tuned = []
+    if spec.search is not None:
+        tuned.append(("search", spec.metric))
+    if spec.scheduler is not None:
+        tuned.append(("scheduler", spec.scheduler.metric or spec.metric))
+    bad = [(what, m) for what, m in tuned if m.startswith(("test/", "best/test/"))]
+    if not bad:
+        return None
+    what, m = bad[0]
+    return (
+        f"the {what} optimises '{m}', measured on the zero-shot test classes: the hyperparameters are "
+        f"tuned on the test set; hold out train classes (data.val_classes: 0.2, eval.select_on: val) "
+        f"and use metric: {m.replace('test/', 'val/', 1)}"
+    )
+
+
 def trial_table_rows(study: ResolvedStudy) -> tuple[list[str], list[list[str]]]:
     """Columns and rows of the expanded trial table (``sweeper show``)."""
     if study.is_search:

@@ -170,3 +170,26 @@ def test_passwords_in_config_values_are_never_stored(tmp_path, mlflow_uri):
         assert pw.encode() not in b and tok.encode() not in b
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT COUNT(*) FROM params WHERE value = '***'").fetchone()[0] == 2
+
+
+# ----------------------------------------------------------------------------- honest HPO defaults
+def test_search_on_a_test_metric_warns_once(tmp_path, capfd):
+    """Item 8: a search (or ASHA) on ``test/...`` warns once that it tunes on the test classes;
+    the shipped quickstart ranks on ``val/recall_at_1`` with held-out train classes."""
+    from conftest import write_study
+    from sweeper.cli import main
+    from sweeper.study import load_study
+
+    space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}}
+    bad = write_study(tmp_path, "tuned", search={"samples": 2, "space": space}, metric="test/recall_at_1")
+    capfd.readouterr()
+    assert main(["run", str(bad), "--dry-run"]) == 0
+    err = capfd.readouterr().err
+    assert err.count("warning:") == 1 and "zero-shot test classes" in err and "val/recall_at_1" in err, err
+    ok = write_study(tmp_path, "honest", search={"samples": 2, "space": space}, metric="val/recall_at_1",
+                     base={**__import__("conftest").TINY_BASE, "data": {"dataset": "digits", "image_size": 16,
+                           "augmentation": "none", "val_classes": 0.4}})
+    assert main(["run", str(ok), "--dry-run"]) == 0
+    assert "warning" not in capfd.readouterr().err
+    q = load_study(Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml")
+    assert q.spec.metric == "val/recall_at_1" and q.base.data.val_classes > 0 and q.base.eval.select_on == "val"
