@@ -303,6 +303,21 @@ def _retry(fn: Callable[[], T], attempts: int = 6) -> T:
 
 
 # ----------------------------------------------------------------------------- client
+@contextlib.contextmanager
+def _creation_lock(db: Path) -> Iterator[None]:
+    """An exclusive file lock (``<db>.lock``) held while an SQLite store is opened, so one
+    process creates and migrates a fresh store while the others wait (MLflow's alembic
+    migration is not safe to run twice at once)."""
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class Tracker:
     """A thin, retrying wrapper around :class:`mlflow.MlflowClient` for one tracking URI."""
 
@@ -319,7 +334,11 @@ class Tracker:
         db = sqlite_path(self.uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
+            with _creation_lock(db):  # F2: two drivers on a fresh store raced in the schema migration
+                self.client = MlflowClient(tracking_uri=self.uri)
+                _retry(lambda: self.client.search_experiments(max_results=1))  # creates/migrates the schema
+        else:
+            self.client = MlflowClient(tracking_uri=self.uri)
 
     # --- experiments
     def artifact_location(self, name: str) -> str | None:

@@ -193,3 +193,26 @@ def test_search_on_a_test_metric_warns_once(tmp_path, capfd):
     assert "warning" not in capfd.readouterr().err
     q = load_study(Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml")
     assert q.spec.metric == "val/recall_at_1" and q.base.data.val_classes > 0 and q.base.eval.select_on == "val"
+
+
+# ----------------------------------------------------------------------------- F2
+def test_two_drivers_on_a_fresh_store(tmp_path):
+    """F2: two processes open the same fresh SQLite store at once (two ``sweeper run``s in
+    one folder); both get a working store (no alembic race traceback) and both runs are there."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    code = (
+        "import sys; from sweeper import tracking; t = tracking.Tracker(sys.argv[1]); "
+        "e = t.experiment_id('race'); t.create_run(e, sys.argv[2], {'role': 'study'})"
+    )
+    env = {**__import__("os").environ, "MLFLOW_LOGGING_LEVEL": "WARNING"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{db}", f"driver{i}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+    t = tracking.Tracker(f"sqlite:///{db}")
+    names = sorted(r.info.run_name for r in t.search([t.experiment_id("race")], ""))
+    assert names == ["driver0", "driver1"], names
