@@ -56,6 +56,12 @@ class Entry:
     """Arguments supplied by the platform, not by the user's params."""
     doc: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    module: str = ""
+    """The module that registered it (``dmlcore.losses.pml_losses``, or a user's plug-in)."""
+
+    @property
+    def plugin(self) -> bool:
+        return not self.module.startswith("dmlcore.")
 
     def params(self) -> dict[str, Any]:
         """User-settable parameters and their defaults (``inspect._empty`` = required)."""
@@ -86,7 +92,8 @@ def register(kind: str, name: str, *, context: tuple[str, ...] = (), **meta: Any
         if name in table and table[name].factory is not factory:
             raise ValueError(f"{kind} {name!r} registered twice")
         doc = inspect.getdoc(factory) or ""
-        table[name] = Entry(kind, name, factory, tuple(context), doc.split("\n\n")[0], dict(meta))
+        table[name] = Entry(kind, name, factory, tuple(context), doc.split("\n\n")[0], dict(meta),
+                            getattr(factory, "__module__", "") or "")
         return factory
 
     return deco
@@ -99,6 +106,9 @@ def _ensure_loaded() -> None:
     _loaded = True
     for mod in _PLUGIN_MODULES:
         importlib.import_module(mod)
+    from dmlcore import plugins  # the user's modules named in $DML_PLUGINS
+
+    plugins.load_env()
 
 
 def names(kind: str) -> list[str]:
@@ -147,6 +157,11 @@ def build(kind: str, name: str, params: Mapping[str, Any] | None = None, key: st
     except TypeError as err:
         where = f"{key}: " if key else ""
         raise RegistryError(f"{where}{kind} '{name}': {err}") from None
+
+
+def entry_module(kind: str, name: str) -> str:
+    """The module that registered ``name`` (shown by ``sweeper list`` for plug-ins)."""
+    return get(kind, name).module
 
 
 def describe(kind: str) -> Iterator[tuple[str, dict[str, Any], str]]:

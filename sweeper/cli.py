@@ -161,7 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     u.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     u.add_argument("--print-command", action="store_true", help=argparse.SUPPRESS)
+    for sp_ in sub.choices.values():  # every command: the user's own registry entries (docs/plugins.md)
+        sp_.add_argument(
+            "--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+            help="import this module first (it registers losses, datasets, ...); repeatable",
+        )
     return p
+
+
+def load_cli_plugins(modules: list[str]) -> None:
+    """``--plugin`` modules: imported now and added to ``$DML_PLUGINS`` (so trials import them too)."""
+    if not modules:
+        return
+    from dmlcore import plugins
+
+    names = plugins.load(modules, "--plugin")
+    os.environ[plugins.ENV_VAR] = ",".join(plugins.parse([*plugins.env_plugins(), *names]))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -264,6 +279,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         resume, quick, overrides = remembered_flags(ref, args, overrides)
     study = load_study(ref, overrides, quick=quick)
+    from .study import tuning_warning
+
+    if (warning := tuning_warning(study.spec)) is not None:  # once per command
+        _err_console().print(f"[yellow]warning:[/] {escape(warning)}")
     if args.dry_run:
         print_study(study, console)
         uri = args.tracking_uri or tracking.default_tracking_uri()
@@ -463,6 +482,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                 f"{p}=[italic]required[/italic]" if d is inspect.Parameter.empty else f"{p}={escape(repr(d))}"
                 for p, d in params.items()
             )
+            module = registry.entry_module(kind, name)
+            if not module.startswith("dmlcore."):  # a plug-in: say where it comes from
+                doc = f"[plugin {module}] {doc}".strip()
             table.add_row(name, ps or "[dim]—[/dim]", escape(doc))
         console.print(table)
     return 0
@@ -640,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .preflight import PreflightError
 
     try:
+        load_cli_plugins(getattr(args, "plugins", []))
         return COMMANDS[args.command](args)
     except PreflightError as err:  # one line per problem
         for problem in err.problems:

@@ -84,6 +84,11 @@ def error_line_of_traceback(text: str) -> str:
     lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return "error"
+    from .errors import worker_death_line
+
+    died = worker_death_line(text)  # the worker process died: not its "ip: ..." detail line
+    if died is not None:
+        return redact(died)
     # Ray prefixes/wraps; the original exception is the last line shaped "Name: message"
     for ln in reversed(lines):
         s = ln.strip()

@@ -229,6 +229,8 @@ class Study(_Model):
     max_failures: int = Field(0, ge=-1)
     """Retries of a failed trial (Ray Tune FailureConfig; -1 = unlimited)."""
     analyses: list[str | dict[str, dict[str, Any] | None]] = Field(default_factory=list)
+    plugins: list[str] = Field(default_factory=list)
+    """Modules to import first (the driver and every trial): a user's own losses, datasets, ... (docs/plugins.md)."""
     quick: dict[str, Any] = Field(default_factory=dict)
     """Dotted overrides applied by ``--quick`` (also ``seeds``, ``search.samples``, ``max_concurrent``)."""
 
@@ -409,6 +411,10 @@ def resolve_study(
         raise ConfigError(_format_study_error(err, source)) from None
     overrides = dict(overrides or {})
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    if spec.plugins:  # before any registry name is checked
+        from dmlcore import plugins as _plugins
+
+        _plugins.load(spec.plugins, f"{source}: plugins")
 
     # --- quick variant: study-level keys first, the rest are config overrides
     run_quick: dict[str, Any] = {}
@@ -613,6 +619,25 @@ def resolve_study(
     if spec.scheduler is not None and spec.scheduler.max_t is None:
         pass  # filled from the base's train.epochs by sweeper.tune
     return resolved
+
+
+def tuning_warning(spec: Study) -> str | None:
+    """The warning for a search or ASHA that optimises a ``test/`` metric (the zero-shot
+    test classes), else None."""
+    tuned = []
+    if spec.search is not None:
+        tuned.append(("search", spec.metric))
+    if spec.scheduler is not None:
+        tuned.append(("scheduler", spec.scheduler.metric or spec.metric))
+    bad = [(what, m) for what, m in tuned if m.startswith(("test/", "best/test/"))]
+    if not bad:
+        return None
+    what, m = bad[0]
+    return (
+        f"the {what} optimises '{m}', measured on the zero-shot test classes: the hyperparameters are "
+        f"tuned on the test set; hold out train classes (data.val_classes: 0.2, eval.select_on: val) "
+        f"and use metric: {m.replace('test/', 'val/', 1)}"
+    )
 
 
 def trial_table_rows(study: ResolvedStudy) -> tuple[list[str], list[list[str]]]:

@@ -151,10 +151,58 @@ def redact_uri(uri: str | None) -> str | None:
     return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", out)
 
 
+# Config values under a key like these are secrets wherever they appear (params, tags,
+# config.yaml / study.yaml artifacts, error lines): ``data.params.password``,
+# ``db_token``, ``api-key``. The key's last word (split at ``.``, ``_``, ``-``) or last two
+# words decide, so ``token_count`` or ``passes`` are left alone.
+SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "token", "secret", "credential", "credentials",
+                          "apikey", "api_key", "access_key", "private_key", "secret_key"})
+_KEY_WORDS = re.compile(r"[._\-\s]+")
+_KEY_VALUE = re.compile(
+    r"(?P<key>[A-Za-z_][\w.\-]*)(?P<sep>[\"']?\s*[:=]\s*)(?P<val>\"[^\"\n]*\"|'[^'\n]*'|[^\s,}\]&;#]+)"
+)
+REDACTED = "***"
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) key names a secret: its last word, or its last two, is in :data:`SECRET_WORDS`."""
+    words = [w.lower() for w in _KEY_WORDS.split(str(key)) if w]
+    return bool(words) and (words[-1] in SECRET_WORDS or "_".join(words[-2:]) in SECRET_WORDS)
+
+
+def redact_values(items: Mapping[str, Any]) -> dict[str, Any]:
+    """``items`` with the value of every secret-named key (:func:`is_secret_key`) replaced by ``***``;
+    nested mappings (``data.params: {password: ...}``) are walked."""
+    out: dict[str, Any] = {}
+    for k, v in items.items():
+        if is_secret_key(k) and v not in (None, "", REDACTED):
+            out[k] = REDACTED
+        elif isinstance(v, Mapping):
+            out[k] = redact_values(v)
+        elif isinstance(v, str):
+            out[k] = _redact_pairs(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _redact_pairs(text: str) -> str:
+    """``key: value`` / ``key=value`` pairs with a secret-named key -> ``key: ***`` (YAML,
+    JSON, flow mappings, query strings, log lines)."""
+
+    def sub(m: re.Match) -> str:
+        if not is_secret_key(m["key"]) or m["val"].strip("\"'") in ("", REDACTED, "null", "None"):
+            return m[0]
+        return f"{m['key']}{m['sep']}{REDACTED}"
+
+    return _KEY_VALUE.sub(sub, text)
+
+
 def redact(text: str) -> str:
-    """``text`` with passwords in URLs and the values of secret environment variables
-    (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...) replaced by ``***``."""
-    out = redact_uri(str(text)) or ""
+    """``text`` with passwords in URLs, the values of secret environment variables
+    (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...) and the values of
+    secret-named keys (``password: ...``, ``token=...``) replaced by ``***``."""
+    out = _redact_pairs(redact_uri(str(text)) or "")
     for name in SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:
@@ -180,8 +228,9 @@ def stringify(v: Any, limit: int = MAX_PARAM_LEN) -> str:
 
 
 def config_params(cfg: Any) -> dict[str, str]:
-    """MLflow params of a RunConfig: every dotted key, values stringified."""
-    return {k: stringify(v) for k, v in cfg.to_flat().items()}
+    """MLflow params of a RunConfig: every dotted key, values stringified (secret-named
+    keys' values as ``***``, :func:`redact_values`)."""
+    return {k: stringify(v) for k, v in redact_values(cfg.to_flat()).items()}
 
 
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -224,6 +273,11 @@ def error_line(err: BaseException | str) -> str:
     if isinstance(err, str):
         lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
         return redact(lines[-1]) if lines else "error"
+    from .errors import worker_death_line
+
+    died = worker_death_line(str(err))  # Ray's ActorDiedError: the real reason, not its first line
+    if died is not None:
+        return redact(died)
     inner = unwrap_worker_error(err)
     if inner is not None:  # the worker's error, not PyTorch's wrapper around it
         name, msg = inner
@@ -249,6 +303,21 @@ def _retry(fn: Callable[[], T], attempts: int = 6) -> T:
 
 
 # ----------------------------------------------------------------------------- client
+@contextlib.contextmanager
+def _creation_lock(db: Path) -> Iterator[None]:
+    """An exclusive file lock (``<db>.lock``) held while an SQLite store is opened, so one
+    process creates and migrates a fresh store while the others wait (MLflow's alembic
+    migration is not safe to run twice at once)."""
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class Tracker:
     """A thin, retrying wrapper around :class:`mlflow.MlflowClient` for one tracking URI."""
 
@@ -265,7 +334,11 @@ class Tracker:
         db = sqlite_path(self.uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
+            with _creation_lock(db):  # F2: two drivers on a fresh store raced in the schema migration
+                self.client = MlflowClient(tracking_uri=self.uri)
+                _retry(lambda: self.client.search_experiments(max_results=1))  # creates/migrates the schema
+        else:
+            self.client = MlflowClient(tracking_uri=self.uri)
 
     # --- experiments
     def artifact_location(self, name: str) -> str | None:
@@ -294,7 +367,8 @@ class Tracker:
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, Any]) -> str:
         run = _retry(
             lambda: self.client.create_run(
-                experiment_id, tags={k: stringify(v, MAX_TAG_LEN) for k, v in tags.items()}, run_name=run_name
+                experiment_id, tags={k: stringify(v, MAX_TAG_LEN) for k, v in redact_values(tags).items()},
+                run_name=run_name
             )
         )
         return run.info.run_id
@@ -332,7 +406,7 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, stringify(v, MAX_TAG_LEN)) for k, v in tags.items()]
+        items = [RunTag(k, stringify(v, MAX_TAG_LEN)) for k, v in redact_values(tags).items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             chunk = items[i : i + _PARAMS_PER_BATCH]
             _retry(lambda: self.client.log_batch(run_id, tags=chunk, synchronous=True))
@@ -340,7 +414,7 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, stringify(v)) for k, v in params.items()]
+        items = [Param(k, stringify(v)) for k, v in redact_values(params).items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             chunk = items[i : i + _PARAMS_PER_BATCH]
             _retry(lambda: self.client.log_batch(run_id, params=chunk, synchronous=True))
@@ -356,6 +430,7 @@ class Tracker:
             _retry(lambda: self.client.log_batch(run_id, metrics=chunk, synchronous=True))
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        text = redact(text)  # config.yaml, study.yaml, error.txt: never a secret in clear
         _retry(lambda: self.client.log_text(run_id, text, artifact_file))
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

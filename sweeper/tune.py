@@ -69,6 +69,10 @@ class TrialContext:
     env: dict[str, str] = field(default_factory=dict, repr=False)
     """The driver's MLflow client settings (``MLFLOW_TRACKING_TOKEN``, ...), applied by each
     trial before it connects: workers on other nodes do not inherit the driver's environment."""
+    plugins: list[str] = field(default_factory=list)
+    """Plug-in modules (the study's ``plugins`` and ``$DML_PLUGINS``) each trial imports first."""
+    plugin_paths: list[str] = field(default_factory=list)
+    """Where the driver found them (tried when Ray's runtime_env did not ship them)."""
     cpus: float | None = None
     cwd: str | None = None
     """The driver's working directory: relative paths in a study (``data.split: studies/splits/...``)
@@ -148,6 +152,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
+    if ctx.plugins:  # the user's registry entries, before the config is built
+        from dmlcore import plugins
+
+        plugins.load(ctx.plugins, "plugins", ctx.plugin_paths)
     index, overrides = split_config(config)
     overrides = decode_values(overrides, ctx.decode)
     trial_id = tune.get_context().get_trial_id() or "local"
@@ -239,6 +247,9 @@ class _FlatOnly:
 
 
 # ----------------------------------------------------------------------------- outcome
+TRIAL_STATUSES = ("done", "stopped", "failed", "pending", "running", "interrupted", "not started")
+"""Every status a trial of an outcome can have (parent-run tags ``trials_<status>``, spaces as ``_``)."""
+
 @dataclass
 class TrialOutcome:
     trial_id: str
@@ -498,15 +509,23 @@ def _resume_uri(stored: str, given: str | None, source: str) -> str:
     return stored
 
 
-def _init_ray(address: str | None, num_cpus: int | None, verbose: bool) -> bool:
-    """Start or join Ray unless already initialised. Returns whether we started it."""
+def _init_ray(address: str | None, num_cpus: int | None, verbose: bool, plugins: list[str] | None = None) -> bool:
+    """Start or join Ray unless already initialised. Returns whether we started it.
+    ``plugins``: module names shipped to every worker (runtime_env ``py_modules`` + ``$DML_PLUGINS``)."""
     import ray
 
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.WARNING)
+    if plugins:
+        from dmlcore import plugins as plugmod
+
+        renv: dict[str, Any] = {"env_vars": {plugmod.ENV_VAR: ",".join(plugins)}}
+        if plugmod.ship_paths(plugins):
+            renv["py_modules"] = plugmod.ship_paths(plugins)
+        kw["runtime_env"] = renv
     if address and address.startswith("ray://"):
-        ray.init(address=address)  # Ray Client: the Tuner runs on the cluster's head node
+        ray.init(address=address, **({"runtime_env": kw["runtime_env"]} if "runtime_env" in kw else {}))  # Ray Client
     elif address:
         ray.init(address=address, **kw)
     else:
@@ -869,14 +888,18 @@ def run_study(
         )
     # 2. preflight: before Ray starts (a local run) or once joined (a cluster's nodes)
     _quiet_tune(verbose)
+    from dmlcore import plugins as plugmod
+
+    plugin_mods = plugmod.parse([*study.spec.plugins, *plugmod.env_plugins()])
+    plugmod.load(plugin_mods, "plugins")
     if address is None:
         check_plan(plan)
-    started_ray = _init_ray(address, num_cpus, verbose)
+    started_ray = _init_ray(address, num_cpus, verbose, plugin_mods)
     try:
         if address is not None:
             check_plan(plan)
         with stop_signals_as_ctrl_c():
-            outcome = _launch_and_record(plan, console, live, analyses)
+            outcome = _launch_and_record(plan, console, live, analyses, plugin_mods)
     finally:
         if started_ray:
             import ray
@@ -885,8 +908,13 @@ def run_study(
     return outcome
 
 
-def _launch_and_record(plan: RunPlan, console: Any, live: bool | None, analyses: bool) -> StudyOutcome:
+def _launch_and_record(plan: RunPlan, console: Any, live: bool | None, analyses: bool,
+                       plugin_mods: list[str] | None = None) -> StudyOutcome:
+    from dmlcore import plugins as plugmod
+
     from . import live as livemod
+
+    plugin_mods = list(plugin_mods or [])
 
     study, spec = plan.study, plan.study.spec
     rec = open_record(plan)  # 4a. record: the parent run
@@ -909,6 +937,8 @@ def _launch_and_record(plan: RunPlan, console: Any, live: bool | None, analyses:
         cpus=float(spec.resources.cpu),
         cwd=os.getcwd(),
         resume_from=rec.resume_from,
+        plugins=plugin_mods,
+        plugin_paths=plugmod.search_paths(plugin_mods),
     )
     view = livemod.LiveView(
         spec.metric, spec.mode, study.varying_keys, study.size, console=console, live=live,
@@ -1149,7 +1179,8 @@ def _finish_parent(tracker: tracking.Tracker, outcome: StudyOutcome) -> None:
     pid = outcome.parent_run_id
     try:
         c = outcome.counts()
-        tracker.set_tags(pid, {f"trials_{k}": v for k, v in c.items()})
+        # every status, 0 when absent: a resumed execution overwrites the counts of the last one
+        tracker.set_tags(pid, {f"trials_{k.replace(' ', '_')}": c.get(k, 0) for k in dict.fromkeys((*TRIAL_STATUSES, *c))})
         best = outcome.best
         if best is not None:
             tracker.log_metrics(pid, {f"best/{outcome.metric}": best.value}, step=0)

@@ -115,59 +115,59 @@ def _evil_checkpoint(tmp: Path) -> Path:
 # id -> (setup(tmp) -> argv, substrings the one line must contain)
 CASES = {
     "malformed config YAML": (
-        lambda t: ["train", str(write(t / "c.yaml", "model: {embed_dim: 8\ntrain: [1,\n")), "--no-mlflow"],
+        lambda t: ["train", str(write(t / "c.yaml", "model: {embed_dim: 8\ntrain: [1,\n"))],
         ["c.yaml", "line ", "malformed YAML"],
     ),
     "malformed study YAML": (
-        lambda t: ["run", str(write(t / "s.yaml", "name: s\naxes:\n  loss.name: [margin\n")), "--dry-run"],
+        lambda t: ["run", str(write(t / "s.yaml", "name: s\naxes:\n  loss.name: [margin\n"))],
         ["s.yaml", "line ", "malformed YAML"],
     ),
     "unknown key in a config file": (
-        lambda t: ["train", str(write(t / "c.yaml", "model:\n  embdim: 8\n")), "--no-mlflow"],
+        lambda t: ["train", str(write(t / "c.yaml", "model:\n  embdim: 8\n"))],
         ["c.yaml", "unknown key 'model.embdim'", "did you mean 'model.embed_dim'"],
     ),
     "unknown key in a study's base": (
-        lambda t: ["show", str(study_yaml(t, base={**TINY_BASE, "optim": {"learning_rate": 0.1}}))],
+        lambda t: ["run", str(study_yaml(t, base={**TINY_BASE, "optim": {"learning_rate": 0.1}}))],
         ["s.yaml", "base", "unknown key 'optim.learning_rate'"],
     ),
     "wrong type in a config file": (
-        lambda t: ["train", str(write(t / "c.yaml", "train:\n  epochs: many\n")), "--no-mlflow"],
+        lambda t: ["train", str(write(t / "c.yaml", "train:\n  epochs: many\n"))],
         ["c.yaml", "'train.epochs'", "valid integer", "'many'"],
     ),
     "wrong type with --set": (
-        lambda t: ["train", "--set", "batch.size=big", "--no-mlflow"],
+        lambda t: ["train", "--set", "batch.size=big"],
         ["'batch.size'", "valid integer", "'big'"],
     ),
     "wrong type in a study": (
-        lambda t: ["show", str(study_yaml(t, max_concurrent="lots"))],
+        lambda t: ["run", str(study_yaml(t, max_concurrent="lots"))],
         ["s.yaml", "max_concurrent", "valid integer"],
     ),
     "unknown dataset (did you mean)": (
-        lambda t: ["train", *sets(["data.dataset=digitz"]), "--no-mlflow"],
+        lambda t: ["train", *sets(["data.dataset=digitz"])],
         ["data.dataset", "unknown dataset 'digitz'", "did you mean 'digits'"],
     ),
     "unknown backbone in a study axis (did you mean)": (
-        lambda t: ["run", str(study_yaml(t, axes={"model.backbone": ["small_cnm"]})), "--dry-run"],
+        lambda t: ["run", str(study_yaml(t, axes={"model.backbone": ["small_cnm"]}))],
         ["s.yaml", "model.backbone", "did you mean 'small_cnn'"],
     ),
     "unknown sampler parameter (did you mean)": (
-        lambda t: ["train", *sets(["batch.sampler_params={small_clases: replace}"]), "--no-mlflow"],
+        lambda t: ["train", *sets(["batch.sampler_params={small_clases: replace}"])],
         ["batch.sampler_params", "small_clases", "did you mean 'small_classes'"],
     ),
     "empty axis": (
-        lambda t: ["run", str(study_yaml(t, axes={"model.embed_dim": []})), "--dry-run"],
+        lambda t: ["run", str(study_yaml(t, axes={"model.embed_dim": []}))],
         ["s.yaml", "axes.model.embed_dim", "empty axis"],
     ),
     "missing dataset directory": (
-        lambda t: ["train", *sets([*TINY_TRAIN, "data.dataset=cub200", f"data.root={t / 'nowhere'}"]), "--no-mlflow"],
+        lambda t: ["train", *sets([*TINY_TRAIN, "data.dataset=cub200", f"data.root={t / 'nowhere'}"])],
         ["cub200", "CUB_200_2011/images.txt", "nowhere"],
     ),
     "corrupt image (on_corrupt=error, DataLoader workers)": (
-        lambda t: ["train", *imagefolder_sets(image_tree(t / "imgs"), "data.num_workers=1"), "--no-mlflow"],
+        lambda t: ["train", *imagefolder_sets(image_tree(t / "imgs"), "data.num_workers=1")],
         ["unreadable image", str(Path("imgs") / "class0" / "3.jpg")],
     ),
     "corrupt image (on_corrupt=error, in process)": (
-        lambda t: ["train", *imagefolder_sets(image_tree(t / "imgs"), "data.num_workers=0"), "--no-mlflow"],
+        lambda t: ["train", *imagefolder_sets(image_tree(t / "imgs"), "data.num_workers=0")],
         ["unreadable image", str(Path("imgs") / "class0" / "3.jpg")],
     ),
     "--resume after the study file changed": (
@@ -175,20 +175,19 @@ CASES = {
         ["s.yaml", "changed since execution '20250101-000000'", "without --resume"],
     ),
     "checkpoint of another config": (
-        lambda t: ["train", *sets([*TINY_TRAIN, "model.embed_dim=16"]), "--resume", str(checkpoint_of(t, 8)), "--no-mlflow"],
+        lambda t: ["train", *sets([*TINY_TRAIN, "model.embed_dim=16"]), "--resume", str(checkpoint_of(t, 8))],
         ["checkpoint was written by another config", "refusing to resume"],
     ),
     "not a checkpoint": (
-        lambda t: ["train", *sets(TINY_TRAIN), "--resume", str(write(t / "junk.pt", "not a checkpoint")), "--no-mlflow"],
+        lambda t: ["train", *sets(TINY_TRAIN), "--resume", str(write(t / "junk.pt", "not a checkpoint"))],
         ["junk.pt", "not a readable checkpoint"],
     ),
     "poisoned checkpoint (weights_only=True)": (
-        lambda t: ["train", *sets(TINY_TRAIN), "--resume", str(_evil_checkpoint(t)), "--no-mlflow"],
+        lambda t: ["train", *sets(TINY_TRAIN), "--resume", str(_evil_checkpoint(t))],
         ["evil.pt", "not a readable checkpoint"],
     ),
     "python object tag in a config (safe_load)": (
-        lambda t: ["train", str(write(t / "c.yaml", f"name: !!python/object/apply:os.system ['touch {t / 'pwned'}']\n")),
-                   "--no-mlflow"],
+        lambda t: ["train", str(write(t / "c.yaml", f"name: !!python/object/apply:os.system ['touch {t / 'pwned'}']\n"))],
         ["c.yaml", "malformed YAML", "python/object/apply:os.system"],
     ),
     "tracking server unreachable (password in the URI)": (
@@ -197,15 +196,26 @@ CASES = {
     ),
     "python object tag in a study (safe_load)": (
         lambda t: ["run", str(write(t / "s.yaml", f"name: s\nbase: !!python/object/apply:os.system ['touch {t / 'pwned'}']\n")),
-                   "--dry-run"],
+                   ],
         ["s.yaml", "malformed YAML", "python/object/apply:os.system"],
     ),
 }
 
 
+# Cases refused before any MLflow run is opened (config, study and registry checks).
+REFUSED_BEFORE_TRACKING = {
+    "malformed config YAML", "malformed study YAML", "unknown key in a config file", "unknown key in a study's base",
+    "wrong type in a config file", "wrong type with --set", "wrong type in a study", "unknown dataset (did you mean)",
+    "unknown backbone in a study axis (did you mean)", "unknown sampler parameter (did you mean)", "empty axis",
+    "--resume after the study file changed", "python object tag in a config (safe_load)",
+    "python object tag in a study (safe_load)",
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2(case, tmp_path, monkeypatch, capfd):
+def test_bad_input_is_one_line_exit_2(case, tmp_path, monkeypatch, capfd, mlflow_uri):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)  # the commands log here (none has --no-mlflow)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an unreachable server fails at once
     setup, expected = CASES[case]
     argv = setup(tmp_path)
@@ -220,7 +230,17 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, monkeypatch, capfd):
         assert s in lines[0], (case, s, lines[0])
     assert "pa55-w0rd" not in out + err, case  # a password is never shown
     assert not (tmp_path / "pwned").exists(), case  # nothing a file said was executed
-    assert not (tmp_path / "mlflow.db").exists(), case  # nothing was logged
+    # What could have happened: a run left RUNNING (the error came after the run was opened),
+    # or a run opened for input that was refused before anything started.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [r for r in runs if r.info.status == "RUNNING"], (case, runs)
+    for r in runs:  # a run that got as far as MLflow ended FAILED with the same one line
+        assert r.info.status == "FAILED" and r.data.tags.get("error"), (case, r)
+    if case in REFUSED_BEFORE_TRACKING:
+        assert not runs, (case, runs)
 
 
 def test_bad_input_from_the_shell_is_one_line(tmp_path):

@@ -15,3 +15,6 @@ class CorruptImageError(DataError):
         super().__init__(f"unreadable image {path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self):  # rebuilt from (path, reason): pickle (Ray, DataLoader workers) calls cls(*args)
+        return (type(self), (self.path, self.reason))

@@ -245,9 +245,14 @@ def imagefolder(
             for f in os.scandir(entry.path)
             if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS) and not f.name.startswith(".")
         )
-        if imgs:
-            classes.append(entry.name)
-            files.append(imgs)
+        if not imgs:  # a class without samples: say so, never drop it quietly
+            exts = ", ".join(IMAGE_EXTENSIONS[:3])
+            raise DataError(
+                f"{name}: class folder {Path(entry.path)} has no images ({exts}, ...); "
+                "add images or remove the folder"
+            )
+        classes.append(entry.name)
+        files.append(imgs)
     if len(classes) < 2:
         raise missing(name, f"at least 2 class folders with images (found {len(classes)})", base, hint)
     ids = {c: k for k, c in enumerate(classes)}
