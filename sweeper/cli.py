@@ -661,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         RegistryError = KeyError  # type: ignore[assignment,misc]
     from .preflight import PreflightError
 
+    env_before = os.environ.get("DML_PLUGINS")
     try:
         load_cli_plugins(getattr(args, "plugins", []))
         return COMMANDS[args.command](args)
@@ -694,6 +695,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _err_console().print(f"[bold red]error:[/] MLflow: {escape(_first_line(err))}")
         return EXIT_USAGE
+    finally:  # main() called in-process (tests, notebooks) leaves the environment as it found it
+        if env_before is None:
+            os.environ.pop("DML_PLUGINS", None)
+        else:
+            os.environ["DML_PLUGINS"] = env_before
 
 
 if __name__ == "__main__":  # pragma: no cover
