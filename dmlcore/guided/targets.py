@@ -31,7 +31,7 @@ import torch
 
 from ..config import ConfigError
 
-FORMAT = "dmlcore-gdml-master-1"
+FORMAT = "dmlcore-gdml-master-2"
 
 
 def cache_dir(cfg: Any) -> Path:
