@@ -37,7 +37,9 @@ class DataConfig(_Section):
     root: str | None = None
     """Local directory of a real dataset in its published layout."""
     split: str = "standard"
-    """``standard`` (the dataset's published class split) or ``FILE.json#INDEX`` (an ooDML split)."""
+    """``standard`` (the dataset's published class split), ``FILE.json#INDEX`` (an ooDML split) or
+    ``closed`` (a closed-set split: the same classes on both sides, disjoint samples; e.g. CIFAR-10's
+    data_batch_1-5 / test_batch; needs ``eval.protocol: closed_set``)."""
     params: ParamDict = Field(default_factory=dict)
     """Dataset-specific parameters (e.g. ``n_classes`` for glyphs)."""
     image_size: int = Field(32, ge=8)
@@ -129,9 +131,13 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0)
     loss_lr_mult: float = Field(100.0, gt=0)
     """Default learning-rate multiplier for the loss's own parameters (proxies)."""
-    scheduler: Literal["none", "step", "multistep", "cosine"] = "none"
+    scheduler: Literal["none", "step", "multistep", "cosine", "plateau"] = "none"
+    """``plateau``: ReduceLROnPlateau stepped on the epoch's mean train loss (``factor``, ``patience``)."""
     scheduler_params: ParamDict = Field(default_factory=dict)
     grad_clip: float | None = Field(None, gt=0)
+    """Clip the gradients' global L2 norm."""
+    clip_value: float | None = Field(None, gt=0)
+    """Clip every gradient element to ``[-clip_value, clip_value]`` (``clip_grad_value_``)."""
 
 
 class TrainConfig(_Section):
@@ -193,6 +199,10 @@ class FewShotConfig(_Section):
 
 
 class EvalConfig(_Section):
+    protocol: Literal["zero_shot", "closed_set"] = "zero_shot"
+    """``zero_shot``: every test sample queries the other test samples (unseen classes).
+    ``closed_set``: the test samples query all train images (same classes, no self-exclusion);
+    needs ``data.split: closed`` (:mod:`dmlcore.metrics.closed_set`)."""
     every: int = Field(1, ge=1)
     """Evaluate every N epochs (and always after the last)."""
     recall_k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
@@ -224,6 +234,34 @@ class EvalConfig(_Section):
         return sorted(set(v))
 
 
+class MasterConfig(_Section):
+    """The Guided DML master (Gonzalez-Zapata et al. 2022; :mod:`dmlcore.guided`): one conv branch
+    per class and a shared head, trained on class-pair triplets before the student."""
+
+    branches: int | None = Field(None, ge=2)
+    """Number of class branches; default the dataset's class count (anything else is an error)."""
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    """Output channels of the branch's two Conv5x5-PReLU-MaxPool2 blocks."""
+    hidden: int = Field(256, ge=1)
+    """Width of the shared head's two hidden layers."""
+    triplets_per_pair: int = Field(64, ge=1)
+    """T cap: T = min(this, smallest class size // 2) triplets per ordered class pair (= batch size)."""
+    margin: float = Field(3.0, gt=0)
+    beta: float = Field(0.003, ge=0, le=1)
+    """Weight of the local term: (1-beta) triplet + beta mean ||local_a - local_p||."""
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(12, ge=1)
+
+
+class GuidedConfig(_Section):
+    """Guided DML's master stage; used by ``loss.name: gdml_regression``."""
+
+    master: MasterConfig = Field(default_factory=MasterConfig)
+    cache_dir: str | None = None
+    """Where trained masters and their targets are kept, keyed by a hash of what they depend on
+    (default ``~/.cache/dmlcore/guided``)."""
+
+
 class RunConfig(_Section):
     name: str = "run"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -234,11 +272,26 @@ class RunConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    guided: GuidedConfig = Field(default_factory=GuidedConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> "RunConfig":
         if self.eval.select_on == "val" and self.data.val_classes <= 0:
             raise ValueError("eval.select_on=val needs data.val_classes > 0")
+        closed_split, closed_eval = self.data.split == "closed", self.eval.protocol == "closed_set"
+        if closed_eval and not closed_split:
+            raise ValueError(f"eval.protocol=closed_set needs data.split=closed (got data.split={self.data.split!r}, a zero-shot split)")
+        if closed_split and not closed_eval:
+            raise ValueError(f"data.split=closed needs eval.protocol=closed_set (got eval.protocol={self.eval.protocol!r})")
+        if closed_split and self.data.val_classes > 0:
+            raise ValueError("data.val_classes: a closed-set split (data.split=closed) has no held-out classes; set it to 0")
+        if self.loss.name == "gdml_regression" and self.model.normalize:
+            raise ValueError("model.normalize: gdml_regression regresses unnormalised master targets; set model.normalize=false")
+        if self.loss.name == "gdml_regression" and self.data.augmentation != "none":
+            raise ValueError(
+                f"data.augmentation={self.data.augmentation!r}: gdml_regression regresses master targets stored once "
+                "per train image, so the images must not be augmented (set data.augmentation=none)"
+            )
         return self
 
     # ---- dotted keys -------------------------------------------------------------
@@ -269,7 +322,7 @@ class RunConfig(_Section):
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SECTIONS = ("data", "model", "loss", "miner", "batch", "optim", "train", "eval")
+SECTIONS = ("data", "model", "loss", "miner", "batch", "optim", "train", "eval", "guided")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

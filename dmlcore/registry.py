@@ -37,6 +37,7 @@ _PLUGIN_MODULES = (
     "dmlcore.data",
     "dmlcore.models",
     "dmlcore.losses",
+    "dmlcore.guided",
 )
 
 

@@ -149,7 +149,14 @@ def _cosine(opt, epochs, eta_min: float = 0.0):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
 
 
-SCHEDULERS = {"step": _step, "multistep": _multistep, "cosine": _cosine}
+def _plateau(opt, epochs, factor: float = 0.1, patience: int = 10, threshold: float = 1e-4, min_lr: float = 0.0):
+    """ReduceLROnPlateau on the epoch's mean train loss (Guided DML's student, MyModel_CIFAR10.py:580,617)."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=factor, patience=patience, threshold=threshold, min_lr=min_lr
+    )
+
+
+SCHEDULERS = {"step": _step, "multistep": _multistep, "cosine": _cosine, "plateau": _plateau}
 
 
 def build_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
@@ -158,7 +165,7 @@ def build_scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
         return None
     try:
         return SCHEDULERS[name](opt, cfg.train.epochs, **cfg.optim.scheduler_params)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"optim.scheduler_params: {name} scheduler: {err}") from None
 
 
@@ -241,6 +248,9 @@ class Trainer:
         self.train_loader = None
         if self.train_images is None and not getattr(self.data.train, "can_gather", False):
             self.train_loader = self._loader(self.data.train.uint8(), batch_sampler=self.sampler)
+        prepare = getattr(self.criterion, "prepare", None)
+        if callable(prepare):  # e.g. Guided DML: train or load the master, store its targets
+            prepare(self)
         self.step_model = self.model
         if cfg.train.compile:
             self.step_model = torch.compile(self.model)
@@ -261,18 +271,22 @@ class Trainer:
             imgs = imgs.to(self.device)
         return imgs
 
-    def _batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(uint8 images, labels, positions in the train split)``; positions are None on the
+        DataLoader path (file datasets without ``data.cache_dir``)."""
         if self.train_loader is not None:
-            yield from self.train_loader
+            for x, y in self.train_loader:
+                yield x, y, None
             return
         if self.train_images is None:  # the decoded cache: one bulk read per batch, no workers
             for idx in self.sampler:
-                yield self.data.train.gather(idx), self.train_labels[torch.as_tensor(idx)]
+                i = torch.as_tensor(idx)
+                yield self.data.train.gather(idx), self.train_labels[i], i
             return
         dev = self.train_images.device
         for idx in self.sampler:
             i = torch.as_tensor(idx)
-            yield self.train_images[i.to(dev)], self.train_labels[i]
+            yield self.train_images[i.to(dev)], self.train_labels[i], i
 
     def _loader(self, ds: Dataset, **kw: Any) -> DataLoader:
         workers = resolve_workers(self.cfg.data.num_workers)
@@ -333,35 +347,38 @@ class Trainer:
         n = 0
         logs_sum: dict[str, Any] = {}
         clip = self.cfg.optim.grad_clip
+        clip_value = self.cfg.optim.clip_value
         cl = self.device.type == "cuda" and self.cfg.train.channels_last
         gen = torch.Generator().manual_seed(seed)
-        for step, (x, y) in enumerate(self._batches(epoch)):
+        for step, (x, y, ids) in enumerate(self._batches(epoch)):
             x = self.train_tf(x.to(self.device, non_blocking=True), gen)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 emb = self.step_model(x)
+            if ids is not None:
+                ids = ids.to(self.device, non_blocking=True)
             extras = self.model.head_embeddings() if hasattr(self.model, "head_embeddings") else None
             if extras:  # the head's extra embeddings (e.g. the auxiliary CRT) get the metric loss too
-                loss, logs = self.criterion(emb.float(), y, extra_embeddings=extras, images=x)
+                loss, logs = self.criterion(emb.float(), y, extra_embeddings=extras, images=x, sample_ids=ids)
             else:
-                loss, logs = self.criterion(emb.float(), y, images=x)
+                loss, logs = self.criterion(emb.float(), y, images=x, sample_ids=ids)
             extra = self.model.head_loss() if hasattr(self.model, "head_loss") else None
             if extra is not None:
                 loss = loss + extra
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-                if clip:
+                if clip or clip_value:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                    _clip(self.model.parameters(), clip, clip_value)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 loss.backward()
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                if clip or clip_value:
+                    _clip(self.model.parameters(), clip, clip_value)
                 self.optimizer.step()
             if getattr(self.sampler, "needs_embeddings", False):  # rows refreshed per step (R: main.py:269-270)
                 self.sampler.update_storage(emb.detach())
@@ -373,11 +390,13 @@ class Trainer:
             if step % 25 == 0 and not math.isfinite(float(loss.detach())):
                 # Checked sparsely inside the epoch (one sync per 25 steps) and always at its end.
                 raise TrainingDiverged(f"loss became {float(loss.detach()):.4g} at epoch {epoch} step {step}")
-        if self.scheduler is not None:
-            self.scheduler.step()
         mean = float(total) / max(n, 1)
         if not math.isfinite(mean):
             raise TrainingDiverged(f"loss became {mean:.4g} during epoch {epoch}")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(mean)  # on the epoch's mean train loss
+        elif self.scheduler is not None:
+            self.scheduler.step()
         out = {"train/loss": mean, "train/lr": self.optimizer.param_groups[0]["lr"]}
         out.update({f"train/{k}": float(v) / max(n, 1) for k, v in logs_sum.items()})
         return out
@@ -420,6 +439,15 @@ class Trainer:
         out: dict[str, float] = {}
         t0 = time.perf_counter()
         splits = [("test", self.data.test)] + ([("val", self.data.val)] if self.data.val is not None else [])
+        if ev.protocol == "closed_set":  # the test images query every train image
+            from .metrics import closed_set_metrics
+
+            q, ql = self.embed(self.data.test)
+            r, rl = self.embed(self.data.train_eval)
+            metrics = closed_set_metrics(q, ql, r, rl, recall_k=ev.recall_k, distance=ev.distance,
+                                         clustering=ev.clustering, seed=self.cfg.train.seed)
+            out.update({f"test/{k}": float(v) for k, v in metrics.items()})
+            splits = []
         for prefix, ds in splits:
             emb, labels = self.embed(ds)
             metrics = evaluate_embeddings(
@@ -507,6 +535,15 @@ class Trainer:
         final = next((h for h in reversed(history) if any(k.startswith("test/") for k in h)), {})
         final = {k: v for k, v in final.items() if "/" in k and not k.startswith(("time/",))}
         return TrainResult(cfg, history, final, best, best_epoch, initial, self.model)
+
+
+def _clip(params: Iterable[torch.nn.Parameter], norm: float | None, value: float | None) -> None:
+    """``optim.clip_value`` (element-wise, ``clip_grad_value_``) then ``optim.grad_clip`` (global norm)."""
+    params = list(params)
+    if value:
+        torch.nn.utils.clip_grad_value_(params, value)
+    if norm:
+        torch.nn.utils.clip_grad_norm_(params, norm)
 
 
 def _snapshot(obj: Any) -> Any:

@@ -93,6 +93,42 @@ class ClassSplit:
         return tuple(out)
 
 
+CLOSED_SPLIT = "closed"
+"""``data.split`` value of the closed-set split kind."""
+
+
+@dataclass(frozen=True)
+class SampleSplit:
+    """A closed-set split: disjoint *samples* of the same classes (source sample indices)."""
+
+    train_indices: np.ndarray
+    test_indices: np.ndarray
+    name: str = CLOSED_SPLIT
+
+    def __post_init__(self) -> None:
+        tr = np.asarray(self.train_indices, dtype=np.int64)
+        te = np.asarray(self.test_indices, dtype=np.int64)
+        if not len(tr) or not len(te):
+            raise DataError(f"split '{self.name}': the {'train' if not len(tr) else 'test'} side is empty")
+        if np.intersect1d(tr, te).size:
+            raise DataError(f"split '{self.name}': {np.intersect1d(tr, te).size} samples are on both sides")
+        object.__setattr__(self, "train_indices", tr)
+        object.__setattr__(self, "test_indices", te)
+
+
+def stratified_sample_split(labels: np.ndarray, test_fraction: float, seed: int, name: str = CLOSED_SPLIT) -> SampleSplit:
+    """Per class, a seeded ``test_fraction`` of the samples (rounded, at least 1) on the test side."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = min(len(members) - 1, max(1, int(round(test_fraction * len(members)))))
+        test.append(np.sort(rng.permutation(members)[:k]))
+    te = np.sort(np.concatenate(test))
+    return SampleSplit(np.setdiff1d(np.arange(len(labels)), te), te, name)
+
+
 # --------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------
@@ -127,6 +163,10 @@ class Source:
     def standard_split(self) -> ClassSplit:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def closed_split(self) -> SampleSplit:
+        """The dataset's closed-set split (``data.split: closed``), where it has one."""
+        raise DataError(f"data.split: dataset '{self.name}' has no closed-set split (data.split=closed)")
+
     def _check(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         unknown = sorted(set(np.unique(self.labels).tolist()) - set(self.class_names))
@@ -147,6 +187,7 @@ class ArraySource(Source):
         class_names: Mapping[int, str],
         split: ClassSplit,
         flip_ok: bool = True,
+        closed: SampleSplit | None = None,
     ) -> None:
         images_chw = np.asarray(images_chw)
         if images_chw.dtype != np.uint8 or images_chw.ndim != 4 or images_chw.shape[1] != 3:
@@ -159,10 +200,16 @@ class ArraySource(Source):
         self.class_names = {int(k): str(v) for k, v in class_names.items()}
         self._split = split
         self.flip_ok = flip_ok
+        self._closed = closed
         self._check()
 
     def get_image(self, i: int) -> np.ndarray:
         return np.ascontiguousarray(self.images_chw[i].transpose(1, 2, 0))
+
+    def closed_split(self) -> SampleSplit:
+        if self._closed is None:
+            return super().closed_split()
+        return self._closed
 
     def tensor(self) -> torch.Tensor:
         """All images as one uint8 tensor ``N x 3 x H x W`` (shares memory with the array)."""
@@ -700,11 +747,18 @@ def build_data(cfg: "RunConfig") -> DataBundle:
 
     d = cfg.data
     source = build_source(cfg)
-    split, extra = resolve_split(d.split, source)
-    if "val_split" in extra and d.val_classes > 0:  # a published ooDML split: its own train/val classes
-        train_classes, val_classes = tuple(sorted(extra["val_split"]["train"])), tuple(sorted(extra["val_split"]["val"]))
+    closed = source.closed_split() if d.split == CLOSED_SPLIT else None
+    if closed is not None:  # same classes on both sides, disjoint samples
+        present_ids = tuple(int(c) for c in np.unique(source.labels))
+        split, extra = None, {}
+        train_classes, val_classes = present_ids, ()
     else:
-        train_classes, val_classes = carve_val(split.train_classes, d.val_classes, source.name)
+        split, extra = resolve_split(d.split, source)
+        if "val_split" in extra and d.val_classes > 0:  # a published ooDML split: its own train/val classes
+            train_classes = tuple(sorted(extra["val_split"]["train"]))
+            val_classes = tuple(sorted(extra["val_split"]["val"]))
+        else:
+            train_classes, val_classes = carve_val(split.train_classes, d.val_classes, source.name)
 
     if source.in_memory:
         store: TensorStore | FileStore = TensorStore(source.tensor())  # type: ignore[attr-defined]
@@ -721,20 +775,30 @@ def build_data(cfg: "RunConfig") -> DataBundle:
 
     present = set(np.unique(source.labels).tolist())
 
-    def make(classes: Sequence[int], transform: Callable, name: str) -> LabeledDataset:
+    def make(classes: Sequence[int], transform: Callable, name: str, among: np.ndarray | None = None) -> LabeledDataset:
         empty = [c for c in classes if c not in present]
         if len(empty) == len(classes):
             raise DataError(f"{source.name}: the {name} split has no samples (classes {_preview(classes)})")
         idx = np.flatnonzero(np.isin(source.labels, np.asarray(classes, dtype=np.int64)))
+        if among is not None:  # a closed-set side: these samples only
+            idx = np.intersect1d(idx, among)
         return LabeledDataset(store, idx, source.labels, [c for c in classes if c in present], transform, name, d.on_corrupt)
 
-    train = make(train_classes, train_tf, "train")
-    train_eval = make(train_classes, eval_tf, "train_eval")
+    tr_among = closed.train_indices if closed is not None else None
+    train = make(train_classes, train_tf, "train", tr_among)
+    train_eval = make(train_classes, eval_tf, "train_eval", tr_among)
     val = make(val_classes, eval_tf, "val") if val_classes else None
-    test = make(split.test_classes, eval_tf, "test")
+    if closed is not None:
+        test = make(train_classes, eval_tf, "test", closed.test_indices)
+        missing_cls = sorted(set(np.unique(source.labels[closed.test_indices]).tolist())
+                             ^ set(np.unique(source.labels[closed.train_indices]).tolist()))
+        if missing_cls:
+            raise DataError(f"{source.name}: closed-set split: classes {_preview(missing_cls)} are not on both sides")
+    else:
+        test = make(split.test_classes, eval_tf, "test")
     info: dict[str, Any] = {
         "dataset": source.name,
-        "split": split.name,
+        "split": split.name if split is not None else CLOSED_SPLIT,
         "image_size": d.image_size,
         "augmentation": d.augmentation,
         "flip_ok": bool(source.flip_ok),

@@ -1,7 +1,10 @@
-"""CIFAR-10 / CIFAR-100 from their python pickles, as in-memory class-disjoint DML datasets.
+"""CIFAR-10 / CIFAR-100 from their python pickles, as in-memory DML datasets.
 
-Train and test images are pooled; the first half of the classes is the train split,
-the second half the test split (0-4 / 5-9, 0-49 / 50-99; CIFAR-100 uses fine labels).
+Train and test images are pooled; the standard (zero-shot) split is the first half of the
+classes for training, the second half for testing (0-4 / 5-9, 0-49 / 50-99; CIFAR-100 uses
+fine labels). The closed-set split (``data.split: closed``) keeps the published sides:
+data_batch_1-5 (50,000 images) as the train / reference side and test_batch (10,000) as the
+queries, all classes on both sides (Guided DML's protocol, MyModel_CIFAR10.py:164,177).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dmlcore.data.base import DATASET_CONTEXT, ArraySource, ClassSplit, DataError
+from dmlcore.data.base import DATASET_CONTEXT, ArraySource, ClassSplit, DataError, SampleSplit
 from dmlcore.data.real import missing
 from dmlcore.registry import register
 
@@ -21,6 +24,7 @@ _LAYOUTS = {
     "cifar10": {
         "folder": "cifar-10-batches-py",
         "files": ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"),
+        "test_files": 1,
         "meta": "batches.meta",
         "labels": "labels",
         "names": "label_names",
@@ -30,6 +34,7 @@ _LAYOUTS = {
     "cifar100": {
         "folder": "cifar-100-python",
         "files": ("train", "test"),
+        "test_files": 1,
         "meta": "meta",
         "labels": "fine_labels",
         "names": "fine_label_names",
@@ -51,7 +56,8 @@ def _load_pickle(path: Path, name: str) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(name: str, folder: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def _load(name: str, folder: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], int]:
+    """Images, labels, class names and how many of the images are the published train set."""
     lay = _LAYOUTS[name]
     base = Path(folder)
     xs, ys = [], []
@@ -76,7 +82,7 @@ def _load(name: str, folder: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ..
         raise DataError(f"{name}: labels outside 0..{lay['classes'] - 1}")
     x.setflags(write=False)
     y.setflags(write=False)
-    return x, y, names
+    return x, y, names, len(y) - sum(len(v) for v in ys[len(ys) - lay["test_files"]:])
 
 
 def _cifar(name: str, root: str | None) -> ArraySource:
@@ -94,15 +100,16 @@ def _cifar(name: str, root: str | None) -> ArraySource:
     for f in (*lay["files"], lay["meta"]):
         if not (cand / f).is_file():
             raise missing(name, f"{lay['folder']}/{f}", base, hint)
-    x, y, names = _load(name, str(cand.resolve()))
+    x, y, names, n_train = _load(name, str(cand.resolve()))
     n = lay["classes"]
     split = ClassSplit(tuple(range(n // 2)), tuple(range(n // 2, n)), "standard")
-    return ArraySource(name, x, y, dict(enumerate(names)), split, flip_ok=True)
+    closed = SampleSplit(np.arange(n_train), np.arange(n_train, len(y)))
+    return ArraySource(name, x, y, dict(enumerate(names)), split, flip_ok=True, closed=closed)
 
 
 @register("dataset", "cifar10", context=DATASET_CONTEXT)
 def cifar10(root: str | None = None) -> ArraySource:
-    """CIFAR-10 pickles (60,000 32x32 images pooled): classes 0-4 train, 5-9 test."""
+    """CIFAR-10 pickles (60,000 32x32 images pooled): classes 0-4 train, 5-9 test; closed split data_batch_1-5 / test_batch."""
     return _cifar("cifar10", root)
 
 

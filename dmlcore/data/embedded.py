@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmlcore.data.base import DATASET_CONTEXT, ArraySource, ClassSplit, DataError, stable_seed
+from dmlcore.data.base import DATASET_CONTEXT, ArraySource, ClassSplit, DataError, stable_seed, stratified_sample_split
 from dmlcore.registry import register
 
 FONT_FILES = (
@@ -336,7 +336,9 @@ def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 @register("dataset", "digits", context=DATASET_CONTEXT)
 def digits(image_size: int = 32) -> ArraySource:
-    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes) upscaled; classes 0-4 train, 5-9 test."""
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes) upscaled; classes 0-4 train, 5-9 test;
+    closed split: a fixed stratified 70/30 of every class."""
     x, y = _digits(int(image_size))
     split = ClassSplit((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), "standard")
-    return ArraySource("digits", x, y, {k: str(k) for k in range(10)}, split, flip_ok=False)
+    closed = stratified_sample_split(y, 0.3, stable_seed("digits-closed"))
+    return ArraySource("digits", x, y, {k: str(k) for k in range(10)}, split, flip_ok=False, closed=closed)

@@ -87,7 +87,10 @@ class Criterion(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         labels = labels.long()
         indices = self.miner(embeddings, labels) if self.miner is not None else None
-        main = self.loss(embeddings, labels, indices)
+        if getattr(self.loss, "uses_batch_context", False):  # e.g. gdml_regression: needs sample_ids
+            main = self.loss(embeddings, labels, indices, **batch_context)
+        else:
+            main = self.loss(embeddings, labels, indices)
         total = main
         logs: dict[str, Any] = {"loss_main": self._log(main)}
         logs.update(_tuple_counts(indices))
@@ -135,6 +138,15 @@ class Criterion(nn.Module):
         for p in super().parameters(recurse):
             if p.requires_grad:
                 yield p
+
+    def prepare(self, trainer: Any) -> None:
+        """Called once by the trainer after it has built the data and the model, before
+        training: parts with a ``prepare(trainer)`` (Guided DML's regression loss trains or
+        loads its master and stores its targets) get the trainer."""
+        for part in (self.loss, self.miner, *self._regs.values()):
+            fn = getattr(part, "prepare", None)
+            if callable(fn):
+                fn(trainer)
 
     def set_epoch(self, epoch: int) -> None:
         """Re-seed seeded miners (and regularisers that want it) for ``epoch``."""

@@ -6,6 +6,7 @@ pi_ratio, rho spectral decay, uniformity) come from one embedding matrix.
 Definitions and conventions: ``docs/metrics.md`` and each module's docstring.
 """
 
+from .closed_set import closed_set_metrics
 from .clustering import clustering_metrics, contingency, kmeans, nmi, pairwise_f1
 from .embedding_space import (
     embedding_space_metrics,
@@ -24,6 +25,7 @@ from .retrieval import metric_name, per_query_metrics, retrieval_metrics
 
 __all__ = [
     "evaluate_embeddings",
+    "closed_set_metrics",
     "embedding_space_metrics",
     "knn",
     "iter_knn",

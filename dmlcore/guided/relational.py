@@ -1,8 +1,11 @@
-"""Guided DML distillation term (Gonzalez-Zapata et al., "Guided Deep Metric Learning", 2022).
+"""Relational distillation: **not the paper's method** (the platform's earlier reading of
+Guided DML, kept as an option under the name of what it is).
 
-Regulariser ``guided`` (``loss.regularizers.guided: {weight, master, temperature, mode}``):
-the frozen master (trained first, see :mod:`dmlcore.guided`) embeds the *same batch*
-and the student's batch similarity structure is pulled towards the master's:
+Regulariser ``relational_distillation`` (``loss.regularizers.relational_distillation:
+{weight, master, temperature, mode}``): a frozen teacher embedding model (any checkpoint
+:func:`dmlcore.guided.load_embedding_model` reads, e.g. ``sweeper train --checkpoint`` of a
+run with ``model.head: multi_branch``) embeds the *same batch* and the student's batch
+similarity structure is pulled towards the teacher's:
 
 * ``mode: kl`` (default): ``S = E E^T`` (cosine similarities of the L2-normalised
   embeddings), ``P = softmax_row(S / T)`` over the other samples of the batch
@@ -25,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses.similarity import similarity_discrepancy
 from ..registry import register
-from .similarity import similarity_discrepancy
 
 
 def similarity_distillation(student: Tensor, master: Tensor, temperature: float = 0.1, mode: str = "kl") -> Tensor:
@@ -35,7 +38,7 @@ def similarity_distillation(student: Tensor, master: Tensor, temperature: float 
     return similarity_discrepancy(student, master, mode, temperature)
 
 
-class GuidedDistillation(nn.Module):
+class RelationalDistillation(nn.Module):
     """Holds the frozen master *outside* the module tree (not in the student's checkpoints)."""
 
     def __init__(self, master: nn.Module, temperature: float = 0.1, mode: str = "kl") -> None:
@@ -66,24 +69,25 @@ class GuidedDistillation(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor | None = None, images: Tensor | None = None, **_: Any) -> Tensor:
         if images is None:
             raise RuntimeError(
-                "the guided regularizer needs the batch images: the trainer must call criterion(emb, labels, images=x)"
+                "the relational_distillation regularizer needs the batch images: the trainer must call criterion(emb, labels, images=x)"
             )
         target = self.master_embeddings(images.float() if images.dtype != torch.float32 else images)
         return similarity_distillation(embeddings, target, self.temperature, self.mode)
 
 
-@register("regularizer", "guided")
-def guided(master: str | None = None, temperature: float = 0.1, mode: str = "kl", master_config: str | None = None) -> nn.Module:
-    """Guided DML: distil the frozen master's batch similarities into the student (KL of row-softmaxed similarities at temperature, or MSE).
+@register("regularizer", "relational_distillation")
+def relational_distillation(master: str | None = None, temperature: float = 0.1, mode: str = "kl",
+                            master_config: str | None = None) -> nn.Module:
+    """Relational distillation (not the Guided DML paper's method): pull the student's batch similarities towards a frozen teacher's (KL of row-softmaxed similarities at temperature, or MSE).
 
-    ``master``: checkpoint written by ``python -m dmlcore.guided`` (config inside) or a
-    trainer checkpoint with ``master_config`` / a ``config.yaml`` beside it.
+    ``master``: checkpoint of the teacher (``save_model_checkpoint`` or a trainer checkpoint,
+    config inside, else ``master_config`` / a ``config.yaml`` beside it).
     """
-    from ..guided import load_embedding_model
+    from .checkpoints import load_embedding_model
 
     if not master:
         raise ValueError("master: path of the master model checkpoint is required")
     if not Path(str(master)).expanduser().exists():
         raise ValueError(f"master: no such checkpoint {master}")
     model = load_embedding_model(master, master_config)
-    return GuidedDistillation(model, float(temperature), str(mode))
+    return RelationalDistillation(model, float(temperature), str(mode))

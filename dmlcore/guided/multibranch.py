@@ -1,10 +1,7 @@
-"""Multi-branch embedding head: the *master* model of Guided DML (Gonzalez-Zapata et al.,
-"Guided Deep Metric Learning", 2022, arXiv:2206.02029).
-
-Confirmed from the paper's abstract: the master is a *multi-branch* model, inspired by a
-few-shot-learning perspective, trained first; a separate student is then trained with an
-offline knowledge-distillation term towards it. The branch design could not be read
-offline; here the branches are ``branches`` independent linear embedders on the shared
+"""Multi-branch embedding head ``multi_branch``: label-agnostic pooling branches on one
+backbone. **Not the Guided DML master** (that is :mod:`dmlcore.guided.master`: one conv
+branch per class); it is the platform's earlier reading, kept as a teacher for
+:mod:`dmlcore.guided.relational`. The branches are ``branches`` independent linear embedders on the shared
 backbone feature map, each with its own global pooling (cycling avg / max / avgmax by
 default, so the branches see the features from different perspectives). The master's
 embedding is the concatenation of the L2-normalised branch embeddings scaled by
@@ -20,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.heads import POOLS, Head, _check_pool, global_pool
+from ..models.pretrained import ModelError
 from ..registry import register
-from .heads import POOLS, Head, _check_pool, global_pool
-from .pretrained import ModelError
 
 
 class MultiBranchHead(Head):
@@ -58,5 +55,5 @@ class MultiBranchHead(Head):
 @register("head", "multi_branch", context=("in_dim", "embed_dim"))
 def multi_branch(branches: int = 3, combine: str = "concat", pools: list[str] | None = None,
                  in_dim: int = 0, embed_dim: int = 128) -> nn.Module:  # fmt: skip
-    """Guided DML master head: several embedding branches (own pooling each), normalised and concatenated (or averaged)."""
+    """Several label-agnostic embedding branches (own pooling each), normalised and concatenated (or averaged); a relational-distillation teacher, not the Guided DML master."""
     return MultiBranchHead(in_dim, embed_dim, branches, combine, pools)
