@@ -561,7 +561,7 @@ class SoftTriplet(RothCriterion):
         loss = F.cross_entropy(self.lam * (per_class - delta), y)
         if self.k > 1:  # R: reg_norm = 0 for one centroid (0/0)
             inter = w.T @ w
-            reg = torch.sqrt(2.00001 - 2 * inter[self.reg_pairs]).sum() / (self.c * self.k * (self.k - 1))
+            reg = torch.sqrt((2.00001 - 2 * inter[self.reg_pairs]).clamp(min=1e-12)).sum() / (self.c * self.k * (self.k - 1))  # R: NaN below 0
             loss = loss + self.reg_weight * reg
         return loss
 
