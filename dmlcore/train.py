@@ -221,10 +221,11 @@ class Trainer:
         if hasattr(self.criterion, "check_extra_embeddings"):  # e.g. the auxiliary CRT's embedding
             self.criterion.check_extra_embeddings(getattr(self.model, "extra_embedding_dims", dict)())
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "name": "model"}]
-        loss_params = [p for p in self.criterion.parameters() if p.requires_grad]
-        if loss_params:
-            lr = cfg.loss.lr or cfg.optim.lr * cfg.optim.loss_lr_mult
-            groups.append({"params": loss_params, "lr": lr, "name": "loss"})
+        from .losses.criterion import loss_param_group
+
+        loss_group = loss_param_group(self.criterion, cfg)
+        if loss_group:
+            groups.append(loss_group)
         self.optimizer = OPTIMIZERS[cfg.optim.name](groups, cfg.optim)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         m = cfg.batch.samples_per_class

@@ -118,6 +118,9 @@ def check_registries(cfg: RunConfig) -> None:
             registry.check_params(kind, name, value(params_key) or {}, params_key)
     for reg in value("loss.regularizers") or {}:
         registry.get("regularizer", reg, "loss.regularizers")
+    from dmlcore.losses.compat import check_loss_miner
+
+    check_loss_miner(cfg.loss.name, cfg.miner.name)  # the reference's ALLOWED_MINING_OPS
 
 
 # ----------------------------------------------------------------------------- model

@@ -17,8 +17,8 @@ from dmlcore.losses.miners import DistanceWeightedTripletMiner, RhoDistanceMiner
 from dmlcore.registry import Entry, RegistryError
 
 # gdml_regression regresses stored master targets (needs its prepare stage): tests/test_guided.py
-LOSSES = [n for n in registry.names("loss") if n != "gdml_regression"]
-MINERS = registry.names("miner")
+LOSSES = [n for n in registry.names("loss") if not n.startswith("roth_") and n != "gdml_regression"]  # roth_*: tests/test_roth_criteria.py
+MINERS = [n for n in registry.names("miner") if not n.startswith("roth_")]  # roth_*: tests/test_roth_miners.py
 # Losses that own parameters (proxies / class weights / learned per-class margin beta).
 WITH_PARAMS = {"proxy_nca", "proxy_anchor", "arcface", "softtriple", "normalized_softmax", "margin"}
 
@@ -60,7 +60,11 @@ def test_loss_is_finite_scalar_with_gradient(name):
     emb, labels = _batch()
     emb.requires_grad_()
     loss_fn = _loss(name)
-    loss = loss_fn(emb, labels)
+    meta = registry.get("loss", name).meta
+    indices = None
+    if meta.get("requires_miner"):  # roth_* tuple criteria: mined by the first miner their reference allows
+        indices = registry.build("miner", meta["miners"][0], {}, embed_dim=8, train_seed=0)(emb, labels)
+    loss = loss_fn(emb, labels, indices)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0

@@ -150,10 +150,29 @@ class Criterion(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """Re-seed seeded miners (and regularisers that want it) for ``epoch``."""
-        for part in (self.miner, *self._regs.values()):
+        for part in (self.miner, self.loss, *self._regs.values()):
             fn = getattr(part, "set_epoch", None)
             if callable(fn):
                 fn(epoch)
+
+
+def loss_param_group(criterion: Any, cfg: RunConfig) -> dict[str, Any] | None:
+    """The optimizer group of the criterion's own tensors, or None when it has none.
+
+    lr: ``loss.lr`` if set; else the loss's reference lr (``optimizer_group()`` of a
+    ``roth_*`` criterion, which also sets weight decay 0 as R: criteria/__init__.py:53);
+    else ``optim.lr * optim.loss_lr_mult``.
+    """
+    params = [p for p in criterion.parameters() if p.requires_grad]
+    if not params:
+        return None
+    group: dict[str, Any] = {"params": params, "lr": cfg.optim.lr * cfg.optim.loss_lr_mult, "name": "loss"}
+    spec = getattr(getattr(criterion, "loss", None), "optimizer_group", None)
+    if callable(spec):
+        group.update({k: v for k, v in spec().items() if v is not None})
+    if cfg.loss.lr is not None:
+        group["lr"] = float(cfg.loss.lr)
+    return group
 
 
 def _build(kind: str, name: str, params: Mapping[str, Any] | None, name_key: str, params_key: str, **context: Any) -> Any:
@@ -168,9 +187,13 @@ def _build(kind: str, name: str, params: Mapping[str, Any] | None, name_key: str
 def build_criterion(cfg: RunConfig, num_classes: int) -> Criterion:
     """The criterion ``cfg.loss`` / ``cfg.miner`` describe, for ``num_classes`` train classes."""
     embed_dim = cfg.model.embed_dim
+    from .compat import check_loss_miner
+
+    check_loss_miner(cfg.loss.name, cfg.miner.name)
     loss = _build(
         "loss", cfg.loss.name, cfg.loss.params, "loss.name", "loss.params",
         num_classes=int(num_classes), embed_dim=embed_dim,
+        optim_lr=cfg.optim.lr, miner_name=cfg.miner.name, train_seed=cfg.train.seed,
     )  # fmt: skip
     miner = _build(
         "miner", cfg.miner.name, cfg.miner.params, "miner.name", "miner.params",
@@ -197,4 +220,4 @@ def build_criterion(cfg: RunConfig, num_classes: int) -> Criterion:
     return crit
 
 
-__all__ = ["Criterion", "build_criterion", "loss_lr"]
+__all__ = ["Criterion", "build_criterion", "loss_lr", "loss_param_group"]

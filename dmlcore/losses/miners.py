@@ -63,7 +63,7 @@ def distance_weighted_probs(
     neg_mask: Tensor,
     dim: int,
     cutoff: float = 0.5,
-    nonzero_loss_cutoff: float | None = 1.4,
+    nonzero_loss_cutoff: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rows that can draw a negative and their negative-sampling distributions.
 
@@ -139,7 +139,7 @@ class RandomTripletMiner(SeededMiner):
 class DistanceWeightedTripletMiner(SeededMiner):
     """One triplet per anchor: random positive, negative drawn with probability ~ q(d)^-1."""
 
-    def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float | None = 1.4, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float | None = None, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(seed=seed, **kwargs)
         self.cutoff, self.nonzero_loss_cutoff = _cutoffs(cutoff, nonzero_loss_cutoff)
 
@@ -175,7 +175,7 @@ class RhoDistanceMiner(DistanceWeightedTripletMiner):
         self,
         p: float = 0.2,
         cutoff: float = 0.5,
-        nonzero_loss_cutoff: float | None = 1.4,
+        nonzero_loss_cutoff: float | None = None,
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -255,7 +255,7 @@ def multi_similarity(epsilon: float = 0.1, embed_dim=None):
 @register("miner", "distance_weighted", context=SEEDED)
 def distance_weighted(
     cutoff: float = 0.5,
-    nonzero_loss_cutoff: float | None = 1.4,
+    nonzero_loss_cutoff: float | None = None,
     seed: int | None = None,
     embed_dim=None,
     train_seed=None,
@@ -271,7 +271,7 @@ def distance_weighted(
 def rho_distance(
     p: float = 0.2,
     cutoff: float = 0.5,
-    nonzero_loss_cutoff: float | None = 1.4,
+    nonzero_loss_cutoff: float | None = None,
     seed: int | None = None,
     embed_dim=None,
     train_seed=None,
