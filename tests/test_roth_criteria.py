@@ -8,8 +8,16 @@ import torch.nn.functional as F
 
 from dmlcore import registry
 
-torch.set_default_dtype(torch.float64)
 B, D, C = 12, 6, 4
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """These comparisons run in float64; the default dtype is restored for the other test files."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def batch(normalize, seed=0):
