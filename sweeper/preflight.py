@@ -382,6 +382,10 @@ def data_problem(cfg: RunConfig) -> str | None:
         return line(err, "data.root")
     except (KeyError, ValueError) as err:  # a registry or parameter problem
         return line(err, "data.dataset")
+    from dmlcore.data.base import CLOSED_SPLIT
+
+    if cfg.data.split == CLOSED_SPLIT:  # same classes on both sides: nothing to resolve
+        return None
     try:
         split, _ = resolve_split(cfg.data.split, source)
         carve_val(split.train_classes, cfg.data.val_classes, source.name)

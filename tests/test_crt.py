@@ -337,7 +337,7 @@ def test_crt_study_is_the_fair_pipeline_with_the_paper_arms_and_a_cpu_quick_vari
     assert (b.loss.name, b.loss.params, b.miner.name) == ("multi_similarity", {"alpha": 2.0, "beta": 40.0, "base": 0.5}, "multi_similarity")
     assert (b.optim.name, b.optim.lr, b.optim.weight_decay, b.optim.scheduler) == ("adam", 1e-5, 4e-4, "none")
     assert b.train.amp is False and b.eval.every == 1 and b.eval.embedding_metrics
-    assert b.data.augmentation_params == {"scale_min": 0.08} and b.eval.select_on == "val"
+    assert b.data.augmentation == "base" and b.eval.select_on == "val"  # RandomResizedCrop(224), scale 0.08-1
     assert {t.config.data.dataset for t in full.trials} == {"cub200", "cars196", "sop"}
     arms = {(t.config.model.head, str(sorted(t.config.model.head_params.items()))) for t in full.trials}
     assert len(arms) == 6

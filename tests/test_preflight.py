@@ -26,7 +26,7 @@ def _sweeper() -> list[str]:
 
 
 def _error_lines(err: str) -> list[str]:
-    return [ln for ln in err.splitlines() if ln.strip()]
+    return [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning:")]  # errors only
 
 
 def _nothing_written(tmp_path: Path) -> None:

@@ -399,8 +399,10 @@ def check_split(cfg: Any, strict: bool = True) -> None:
     both are errors too."""
     from ..data.base import DataError, load_split, parse_split_spec, select_entry
 
+    from ..data.base import CLOSED_SPLIT
+
     spec = cfg.data.split
-    if spec == "standard":
+    if spec in ("standard", CLOSED_SPLIT):  # no split file
         return
     path, _ = parse_split_spec(spec)
     if not path.is_file():
