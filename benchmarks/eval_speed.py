@@ -25,8 +25,8 @@ Time is the wall time of the metric call alone (imports and data loading exclude
 the fastest of ``--repeat`` runs per subprocess, default 3 for n <= 10,000 and 1 above,
 and of ``--rounds`` subprocesses per method run in rotating order, as the machine may be
 shared);
-memory is the growth of the child's peak RSS (``resource.getrusage`` ``ru_maxrss``)
-during that call (tracemalloc cannot see faiss' allocations). The table prints each
+memory is the growth of the child's peak RSS (``VmHWM`` of ``/proc/self/status``, else
+``resource.getrusage`` ``ru_maxrss``, which Linux carries over from the parent) during that call (tracemalloc cannot see faiss' allocations). The table prints each
 method's metric values (retrieval values must agree; clustering values differ between
 k-means implementations, except ours vs PML which both run faiss k-means with seed
 1234) and the time and memory ratios baseline / ours.
@@ -281,6 +281,18 @@ def run_ours_embedding_scale(x, y, recall_k):
 RUNNERS = {m: globals()[f"run_{m}"] for m in METHODS}
 
 
+def _peak_kb(resource) -> int:
+    """Peak RSS of this process in KB: ``VmHWM`` (reset by exec; ``ru_maxrss`` keeps the parent's
+    peak across fork + exec, which hides the child's own peak when the parent was larger)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def child(method: str, data: str, result: str, repeat: int = 1) -> None:
     import resource
 
@@ -293,13 +305,13 @@ def child(method: str, data: str, result: str, repeat: int = 1) -> None:
 
     z = np.load(data)
     x, y, recall_k = z["x"], z["y"], tuple(int(k) for k in z["recall_k"])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_kb(resource)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         values = RUNNERS[method](x, y, recall_k)
         times.append((time.perf_counter() - t0) * values.pop("_time_scale", 1.0))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_kb(resource)
     Path(result).write_text(json.dumps({"time_s": min(times), "times_s": times, "mem_mb": (peak - base) / 1024,
                                         "peak_mb": peak / 1024, "base_mb": base / 1024, "values": values}))
 
