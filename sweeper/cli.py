@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     a.add_argument("--out", help="output folder (default: ./runs/<study>/analysis)")
     a.add_argument("--no-cache", action="store_true",
-                   help="list the runs from MLflow even when <out>/.runs_cache.pkl is current")
+                   help="list the runs from MLflow even when <out>/.runs_cache.json is current")
 
     ls = sub.add_parser("list", help="list the registries (datasets, losses, ...) with their parameters")
     ls.add_argument("kind", nargs="?", help="one registry, e.g. loss or losses")

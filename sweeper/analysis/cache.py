@@ -2,7 +2,8 @@
 
 ``sweeper analyze`` of a 2,000-run study spends most of its MLflow time in the one paged
 ``search_runs`` that lists the children with their params, metrics and tags
-(:func:`sweeper.analysis.runs.load_runs`). The frame is kept in ``<out>/.runs_cache.pkl``
+(:func:`sweeper.analysis.runs.load_runs`). The frame is kept in ``<out>/.runs_cache.json``
+(column by column with its dtype, so that it comes back equal; no pickle)
 together with a *stamp* of the runs it came from: the parent run id, the tracking URI,
 the sorted ``(run id, status, end time)`` triples (hashed), the latest start and end
 times and the ids of the deleted children. A later call re-uses the frame only when
@@ -16,7 +17,7 @@ over the few deleted runs) that the store answers from its indices:
 * the set of deleted children differs (a run was deleted or restored).
 
 A frame that held an unfinished run is never re-used. Anything unreadable (another
-version's pickle, a truncated file) is treated as a miss and overwritten. What the probes
+version's file, a truncated file) is treated as a miss and overwritten. What the probes
 cannot see: values logged into an already-ended run *without* terminating it again (MLflow
 sets ``end_time`` at ``set_terminated``); delete the cache file (or pass ``cache=False``)
 after such surgery.
@@ -25,7 +26,8 @@ after such surgery.
 from __future__ import annotations
 
 import hashlib
-import pickle
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import pandas as pd
 
 from .runs import _client, _search_all, children_filter, execution_attrs, resolve_execution, runs_to_frame
 
-CACHE_FILE = ".runs_cache.pkl"
+CACHE_FILE = ".runs_cache.json"
 CACHE_VERSION = 1
 _OPEN = ("RUNNING", "SCHEDULED")
 
@@ -105,10 +107,44 @@ def unchanged(client, exp: str, pid: str, stamp: dict[str, Any]) -> bool:
     return _deleted_ids(client, exp, pid) == list(stamp.get("deleted", []))
 
 
+def _plain(v: Any) -> Any:
+    """A JSON value for one cell (numpy scalars to Python; NaN stays NaN, which ``json`` writes)."""
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        return v.item()
+    return v
+
+
+def frame_to_json(df: pd.DataFrame) -> dict[str, Any]:
+    """The frame column by column with its dtype; timestamps as epoch milliseconds."""
+    cols = []
+    for c in df.columns:
+        col = df[c]
+        dtype = str(col.dtype)
+        if dtype.startswith("datetime64"):
+            values = [None if pd.isna(t) else _ms(t) for t in col]
+        else:
+            values = [_plain(v) for v in col.tolist()]
+        cols.append({"name": c, "dtype": dtype, "values": values})
+    return {"columns": cols, "n": len(df)}
+
+
+def frame_from_json(data: dict[str, Any]) -> pd.DataFrame:
+    out = {}
+    for col in data["columns"]:
+        dtype, values = col["dtype"], col["values"]
+        if dtype.startswith("datetime64"):
+            out[col["name"]] = pd.to_datetime(pd.Series(values, dtype="float64"), unit="ms", utc=True)
+        elif dtype == "object":
+            out[col["name"]] = pd.Series(values, dtype=object)
+        else:
+            out[col["name"]] = pd.Series([math.nan if v is None else v for v in values]
+                                         if dtype.startswith("float") else values, dtype=dtype)
+    return pd.DataFrame(out, index=pd.RangeIndex(int(data["n"])))
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
+        data = json.loads(path.read_text())
         return data if isinstance(data, dict) and data.get("version") == CACHE_VERSION else None
     except Exception:  # missing, truncated, another version: a miss
         return None
@@ -116,7 +152,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def load_runs_cached(tracking_uri: str | None, ref: str, cache_dir: str | Path | None = None, *,
                      cache: bool = True) -> pd.DataFrame:
-    """:func:`sweeper.analysis.runs.load_runs` of ``ref``, served from ``<cache_dir>/.runs_cache.pkl`` when unchanged.
+    """:func:`sweeper.analysis.runs.load_runs` of ``ref``, served from ``<cache_dir>/.runs_cache.json`` when unchanged.
 
     ``cache_dir`` defaults to ``runs/<study>/analysis`` (where ``sweeper analyze`` writes).
     ``df.attrs["cache"]`` says ``"hit"`` or ``"miss"``.
@@ -131,19 +167,20 @@ def load_runs_cached(tracking_uri: str | None, ref: str, cache_dir: str | Path |
         data = _read(path)
         if (data is not None and data.get("parent_run_id") == pid and data.get("tracking_uri") == tracking_uri
                 and unchanged(client, exp, pid, data["stamp"])):
-            df = data["frame"]
-            df.attrs.update(attrs, cache="hit")
-            return df
+            try:
+                df = frame_from_json(data["frame"])
+            except Exception:  # a file this version cannot read back: a miss
+                df = None
+            if df is not None:
+                df.attrs.update(attrs, cache="hit")
+                return df
     df = runs_to_frame(_search_all(client, [exp], children_filter(pid)))
     df.attrs.update(attrs, cache="miss")
     if cache:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        frame = df.copy()
-        frame.attrs = {}
-        with open(tmp, "wb") as f:
-            pickle.dump({"version": CACHE_VERSION, "parent_run_id": pid, "tracking_uri": tracking_uri,
-                         "stamp": stamp_of(df, _deleted_ids(client, exp, pid)), "frame": frame}, f,
-                        protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "parent_run_id": pid, "tracking_uri": tracking_uri,
+                                   "stamp": stamp_of(df, _deleted_ids(client, exp, pid)),
+                                   "frame": frame_to_json(df)}))
         tmp.replace(path)
     return df
