@@ -142,6 +142,14 @@ def frame_from_json(data: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(out, index=pd.RangeIndex(int(data["n"])))
 
 
+def _probe(client, exp: str, pid: str, stamp: dict[str, Any]) -> bool:
+    """:func:`unchanged`, a store that cannot answer a probe (or a malformed stamp) counting as changed."""
+    try:
+        return unchanged(client, exp, pid, stamp)
+    except Exception:
+        return False
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -166,7 +174,7 @@ def load_runs_cached(tracking_uri: str | None, ref: str, cache_dir: str | Path |
     if cache:
         data = _read(path)
         if (data is not None and data.get("parent_run_id") == pid and data.get("tracking_uri") == tracking_uri
-                and unchanged(client, exp, pid, data["stamp"])):
+                and _probe(client, exp, pid, data["stamp"])):
             try:
                 df = frame_from_json(data["frame"])
             except Exception:  # a file this version cannot read back: a miss
