@@ -25,8 +25,9 @@ Time is the wall time of the metric call alone (imports and data loading exclude
 the fastest of ``--repeat`` runs per subprocess, default 3 for n <= 10,000 and 1 above,
 and of ``--rounds`` subprocesses per method run in rotating order, as the machine may be
 shared);
-memory is the growth of the child's peak RSS (``resource.getrusage`` ``ru_maxrss``)
-during that call (tracemalloc cannot see faiss' allocations). The table prints each
+memory is the growth of the child's peak RSS (``VmHWM`` of ``/proc/self/status``, else
+``resource.getrusage`` ``ru_maxrss``, which Linux carries over from the parent) during
+that call (tracemalloc cannot see faiss' allocations). The table prints each
 method's metric values (retrieval values must agree; clustering values differ between
 k-means implementations, except ours vs PML which both run faiss k-means with seed
 1234) and the time and memory ratios baseline / ours.
@@ -37,6 +38,17 @@ Usage::
     python benchmarks/eval_speed.py --quick    # 6,000 x 128 and 2,000 x 512
     python benchmarks/eval_speed.py --methods ours,pml --cases cub --json out.json
     python benchmarks/eval_speed.py --rounds 2   # the numbers in docs/metrics.md
+    python benchmarks/eval_speed.py --n 1000000 --dim 128   # the scale case (docs/scale.md)
+
+``--n N --dim D`` replaces the two cases by one synthetic set of ``N x D`` embeddings with
+``--classes`` classes (default ``N // 100``) and runs ``ours_retrieval_scale`` (exact Recall@k,
+mAP@R, R-Precision, mAP@1000), ``gemm`` (the physical floor: one float32 GEMM
+``N x D`` times ``D x N``, in 4,096 x 8,192 tiles so that no ``N x N`` matrix exists;
+when it would take longer than ``--time-limit`` only the first blocks are timed and
+the time is scaled by the rows, said in the output), ``ours_clustering`` (faiss k-means
+NMI/F1; O(N x classes): at 1M x 128 with 10,000 classes about 50 minutes on 2 cores,
+``--classes 1000`` about 5), ``ours_embedding_scale`` (pi, rho without uniformity) and
+``pml`` when ``N <= --pml-max-n``. Peak RSS (``peak_MB``) is the child's absolute peak, data included.
 """
 
 from __future__ import annotations
@@ -67,9 +79,12 @@ QUICK = {
     "cub": dict(n=2_000, d=512, classes=25, noise=3.3, recall_k=(1, 2, 4, 8)),
 }
 METHODS = ("ours", "sklearn", "pml", "pml_default", "ours_retrieval", "sklearn_retrieval", "ours_embedding",
-           "brute_embedding")
-GROUPS = (("ours", "sklearn", "pml", "pml_default"), ("ours_retrieval", "sklearn_retrieval"),
-          ("ours_embedding", "brute_embedding"))
+           "brute_embedding", "gemm", "ours_clustering", "ours_embedding_scale", "ours_retrieval_scale")
+SCALE_METHODS = ("ours_retrieval_scale", "gemm", "pml", "ours_clustering", "ours_embedding_scale")
+SCALE_GROUPS = (("ours_retrieval_scale", "gemm", "pml"), ("ours_clustering",), ("ours_embedding_scale",))
+GEMM_SECONDS = 60.0
+GROUPS = (("ours", "sklearn", "pml", "pml_default"), ("ours_retrieval", "sklearn_retrieval", "gemm"),
+          ("ours_embedding", "brute_embedding"), ("ours_clustering",), ("ours_embedding_scale",))
 EMBEDDING_METHODS = ("ours_embedding", "brute_embedding")
 MAP_AT = 1000
 SEED = 1234  # faiss' default k-means seed, which PML's FaissKMeans uses
@@ -204,7 +219,80 @@ def run_brute_embedding(x, y, recall_k):
             "rho_spectrum": float(entropy(np.ones(len(s)) / len(s), s)), "uniformity": unif}
 
 
+def run_gemm(x, y, recall_k):
+    """One float32 GEMM of x (n x d) by x.T in 4,096 x 8,192 tiles; extrapolated past GEMM_SECONDS."""
+    n = len(x)
+    qb, gb = 4096, 8192
+    xt = np.ascontiguousarray(x.T)
+    out = np.empty((qb, gb), dtype=np.float32)
+    limit = float(os.environ.get("EVAL_SPEED_GEMM_SECONDS", GEMM_SECONDS))
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        q = x[done : done + qb]
+        for g in range(0, n, gb):
+            cols = xt[:, g : g + gb]
+            np.matmul(q, cols, out=out[: len(q), : cols.shape[1]])
+        done += len(q)
+        if time.perf_counter() - t0 > limit:
+            break
+    return {"_time_scale": n / done, "gemm_rows_timed": float(done)}
+
+
+def run_ours_retrieval_scale(x, y, recall_k):
+    """``evaluate_embeddings``' retrieval loop (same calls, same memory: the per-query arrays are
+    allocated for all n), stopped after ``EVAL_SPEED_GEMM_SECONDS`` with the time scaled by the
+    queries done; the metric values are only reported when every query ran."""
+    from dmlcore.metrics._common import l2_normalize
+    from dmlcore.metrics.retrieval import aggregate, needed_k, per_query_metrics, relevant_counts
+    from dmlcore.metrics.search import iter_knn
+
+    limit = float(os.environ.get("EVAL_SPEED_GEMM_SECONDS", GEMM_SECONDS))
+    n = len(x)
+    t0 = time.perf_counter()
+    xn = l2_normalize(x)
+    R = relevant_counts(y)
+    K = needed_k(recall_k, int(R.max()), MAP_AT, n - 1)
+    per_query: dict = {}
+    done = 0
+    for start, stop, _, idx in iter_knn(xn, K, distance="cosine", labels=y, _prepared=True):
+        rel = y[idx] == y[start:stop, None]
+        for name, values in per_query_metrics(rel, R[start:stop], recall_k, MAP_AT, n - 1).items():
+            if name not in per_query:
+                per_query[name] = np.empty(n, dtype=np.float64)
+            per_query[name][start:stop] = values
+        done = stop
+        if time.perf_counter() - t0 > limit and done < n:
+            break
+    out = aggregate(per_query, R > 0) if done == n else {}
+    return dict(out, _time_scale=n / done, queries_timed=float(done), K=float(K))
+
+
+def run_ours_clustering(x, y, recall_k):
+    from dmlcore.metrics import clustering_metrics
+
+    return clustering_metrics(x, y, distance="cosine", seed=SEED)
+
+
+def run_ours_embedding_scale(x, y, recall_k):
+    from dmlcore.metrics import embedding_space_metrics
+
+    return embedding_space_metrics(x, y, rho_m=2, with_uniformity=False)
+
+
 RUNNERS = {m: globals()[f"run_{m}"] for m in METHODS}
+
+
+def _peak_kb(resource) -> int:
+    """Peak RSS of this process in KB: ``VmHWM`` (reset by exec; ``ru_maxrss`` keeps the parent's
+    peak across fork + exec, which hides the child's own peak when the parent was larger)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def child(method: str, data: str, result: str, repeat: int = 1) -> None:
@@ -219,13 +307,13 @@ def child(method: str, data: str, result: str, repeat: int = 1) -> None:
 
     z = np.load(data)
     x, y, recall_k = z["x"], z["y"], tuple(int(k) for k in z["recall_k"])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_kb(resource)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         values = RUNNERS[method](x, y, recall_k)
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        times.append((time.perf_counter() - t0) * values.pop("_time_scale", 1.0))
+    peak = _peak_kb(resource)
     Path(result).write_text(json.dumps({"time_s": min(times), "times_s": times, "mem_mb": (peak - base) / 1024,
                                         "peak_mb": peak / 1024, "base_mb": base / 1024, "values": values}))
 
@@ -277,7 +365,7 @@ def fmt(v) -> str:
 def print_case(name: str, spec: dict, results: dict, notes: list[str]) -> None:
     print(f"\n## {name}: {spec['n']:,} x {spec['d']} embeddings, {spec['classes']:,} classes, "
           f"recall_k={list(spec['recall_k'])}")
-    for group in GROUPS:
+    for group in (SCALE_GROUPS if name == "scale" else GROUPS):
         rows = [m for m in group if m in results]
         if not rows:
             continue
@@ -287,7 +375,7 @@ def print_case(name: str, spec: dict, results: dict, notes: list[str]) -> None:
             for k in results[m].get("values", {}):
                 if k not in keys:
                     keys.append(k)
-        head = ["method", "time_s", "all_times_s", "mem_MB", "time_x", "mem_x", "max|diff|"] + keys
+        head = ["method", "time_s", "all_times_s", "mem_MB", "peak_MB", "time_x", "mem_x", "max|diff|"] + keys
         table = [head]
         for m in rows:
             r = results[m]
@@ -302,7 +390,7 @@ def print_case(name: str, spec: dict, results: dict, notes: list[str]) -> None:
                 if common:
                     diff = f"{max(abs(r['values'][k] - ref['values'][k]) for k in common):.1e}"
             alltimes = "/".join(f"{t:.1f}" for t in r.get("times_s", [r["time_s"]]))
-            table.append([m, f"{r['time_s']:.2f}", alltimes, f"{r['mem_mb']:.0f}", tx, mx, diff]
+            table.append([m, f"{r['time_s']:.2f}", alltimes, f"{r['mem_mb']:.0f}", f"{r['peak_mb']:.0f}", tx, mx, diff]
                          + [fmt(r["values"].get(k)) for k in keys])
         full = [row for row in table if not (len(row) > 2 and row[2] == "")]
         widths = [max(len(str(row[i])) for row in full) for i in range(len(head))]
@@ -313,7 +401,8 @@ def print_case(name: str, spec: dict, results: dict, notes: list[str]) -> None:
             print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
             if i == 0:
                 print("  " + "  ".join("-" * w for w in widths))
-    print("  time_s: fastest run (all_times_s: every run); mem_MB: growth of peak RSS during the call (largest over "
+    print("  time_s: fastest run (all_times_s: every run; gemm: scaled by rows when only gemm_rows_timed rows ran); "
+          "peak_MB: the child's peak RSS, data included; mem_MB: growth of peak RSS during the call (largest over "
           "rounds); time_x / mem_x: baseline divided by ours (> 1: ours is faster / smaller); max|diff|: largest "
           "difference of the shared retrieval (or embedding-space) metrics from ours")
     for note in notes:
@@ -331,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="fresh subprocesses per method, interleaved across methods; fastest time, largest memory")
     ap.add_argument("--repeat", type=int, default=0,
                     help="runs per method in its subprocess, the fastest reported (default: 3 for n <= 10,000, else 1)")
+    ap.add_argument("--n", type=int, help="one synthetic set of this many embeddings instead of the two cases")
+    ap.add_argument("--dim", type=int, default=128, help="with --n: embedding dimension")
+    ap.add_argument("--classes", type=int, help="with --n: number of classes (default n // 100)")
+    ap.add_argument("--pml-max-n", type=int, default=100_000, help="with --n: run PML only up to this n")
+    ap.add_argument("--time-limit", type=float, default=GEMM_SECONDS,
+                    help="with --n: time the GEMM floor and ours_retrieval_scale at most this long (s), then scale by rows")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -340,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     specs = QUICK if args.quick else CASES
+    os.environ["EVAL_SPEED_GEMM_SECONDS"] = str(args.time_limit)
+    if args.n:
+        specs = {"scale": dict(n=args.n, d=args.dim, classes=args.classes or max(2, args.n // 100), noise=1.4,
+                               recall_k=(1, 10, 100, 1000))}
+        args.cases = "scale"
+        if args.methods == ",".join(METHODS):
+            args.methods = ",".join(m for m in SCALE_METHODS if m != "pml" or args.n <= args.pml_max_n)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -358,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             np.savez(data, x=x, y=y, recall_k=np.array(spec["recall_k"]))
             todo = []
             for m in methods:
-                if m in EMBEDDING_METHODS and case != "cub":
+                if m in EMBEDDING_METHODS and case not in ("cub", "scale"):
                     continue
                 if m == "pml_default":
                     need = pml_default_gb(spec["n"])

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ref", help="study YAML (its analyses), study name (latest execution) or parent run id")
     a.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     a.add_argument("--out", help="output folder (default: ./runs/<study>/analysis)")
+    a.add_argument("--no-cache", action="store_true",
+                   help="list the runs from MLflow even when <out>/.runs_cache.json is current")
 
     ls = sub.add_parser("list", help="list the registries (datasets, losses, ...) with their parameters")
     ls.add_argument("kind", nargs="?", help="one registry, e.g. loss or losses")
@@ -437,7 +439,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         study = load_study(resolve_study_file(ref))  # a file, or a file's stem / study name
         ref, analyses = study.name, (study.spec.analyses or None)
     try:
-        runs = mod.load_runs(uri, ref)
+        if hasattr(mod, "load_runs_cached"):  # cached beside the outputs, re-listed when runs change
+            runs = mod.load_runs_cached(uri, ref, args.out, cache=not args.no_cache)
+        else:
+            runs = mod.load_runs(uri, ref)
     except ValueError as err:
         names = sorted(set(known) | set(executed_studies()))
         hint = "" if study is not None else suggestion(ref, [n for n in names if n != ref])

@@ -25,7 +25,15 @@ Metric Learning" (ICML 2020), as their public code computes them; cosine distanc
   L2-normalised rows ``x_i`` (lower = more uniform on the sphere; in ``[-4t, 0]``).
   Computed in row chunks, O(chunk x n) memory.
 
-All arithmetic is float64.
+All arithmetic is float64. Memory does not grow with ``n`` beyond the input: every
+pass reads the rows in blocks of :data:`BLOCK_ROWS` (converted to float64 one block at a
+time), so 1,000,000 x 128 float32 embeddings need O(block x d + C x d) on top of the
+input, never an ``n x n`` matrix nor a float64 copy of the whole matrix. The singular
+values come from a blockwise (tall-skinny) QR: ``R`` of ``[R_prev; block]`` is
+updated block by block and ``svd(R)`` (``d x d``) has the singular values of the whole
+matrix (QR is backward stable, unlike the eigenvalues of the Gram matrix, which square
+the condition number). ``uniformity`` is the one O(n^2)-time metric (chunked, O(chunk
+x n) memory); ``embedding_space_metrics(..., with_uniformity=False)`` skips it for large n.
 """
 
 from __future__ import annotations
@@ -38,24 +46,50 @@ from scipy.stats import entropy
 from ._common import check_embeddings, check_labels, l2_normalize
 
 PI_RATIO_EPS = 1e-8
+BLOCK_ROWS = 1 << 16
 
 
-def _class_sums(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class row sums ``(C, d)`` and sizes ``(C,)`` for labels ``0..C-1`` (sort + reduceat)."""
-    order = np.argsort(y, kind="stable")
-    ys = y[order]
+def _blocks(x: np.ndarray, block: int | None = None):
+    """``(start, float64 block)`` over the rows of ``x``."""
+    block = BLOCK_ROWS if block is None else max(1, int(block))
+    for s in range(0, x.shape[0], block):
+        yield s, np.asarray(x[s : s + block], dtype=np.float64)
+
+
+def _unit(b: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", b, b))
+    return b / np.maximum(norms, 1e-12)[:, None]
+
+
+def _class_stats(x: np.ndarray, y: np.ndarray, normalise: bool, block: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class sums ``(C, d)`` of the (unit, with ``normalise``) rows, sizes, and sums of squared norms."""
+    C = int(y.max(initial=-1)) + 1
+    sums = np.zeros((C, x.shape[1]), dtype=np.float64)
+    sq = np.zeros(C, dtype=np.float64)
+    for s, b in _blocks(x, block):
+        if normalise:
+            b = _unit(b)
+        yb = y[s : s + len(b)]
+        _add_rows(sums, yb, b)
+        sq += np.bincount(yb, weights=np.einsum("ij,ij->i", b, b), minlength=C)
+    return sums, np.bincount(y, minlength=C).astype(np.int64), sq
+
+
+def _add_rows(sums: np.ndarray, yb: np.ndarray, b: np.ndarray) -> None:
+    """``sums[yb[i]] += b[i]`` for every row (sort + reduceat, no Python loop over rows)."""
+    order = np.argsort(yb, kind="stable")
+    ys = yb[order]
     starts = np.flatnonzero(np.r_[True, ys[1:] != ys[:-1]])
-    sums = np.add.reduceat(x[order], starts, axis=0)
-    sizes = np.diff(np.r_[starts, len(ys)])
-    return sums, sizes
+    sums[ys[starts]] += np.add.reduceat(b[order], starts, axis=0)
 
 
 def per_class_intra(emb: Any, labels: Any) -> np.ndarray:
     """``pi_c`` for every class ``0..C-1`` (NaN for one-sample classes)."""
-    x = l2_normalize(check_embeddings(emb, np.float64, min_rows=1))
+    x = _as_float(emb)
     y = check_labels(labels, x.shape[0])
-    sums, sizes = _class_sums(x, y)
-    sq_norms = np.bincount(y, weights=np.einsum("ij,ij->i", x, x))
+    sums, sizes, sq_norms = _class_stats(x, y, normalise=True)
+    sizes = sizes.astype(np.float64)
     pair_sim = np.einsum("ij,ij->i", sums, sums) - sq_norms  # sum over ordered pairs i != j
     n_pairs = sizes * (sizes - 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -74,9 +108,9 @@ def pi_intra(emb: Any, labels: Any) -> float:
 
 def pi_inter(emb: Any, labels: Any) -> float:
     """Mean pairwise cosine distance between the L2-normalised class means."""
-    x = check_embeddings(emb, np.float64, min_rows=1)
+    x = _as_float(emb)
     y = check_labels(labels, x.shape[0])
-    sums, sizes = _class_sums(x, y)
+    sums, sizes, _ = _class_stats(x, y, normalise=False)
     C = len(sizes)
     if C < 2:
         return float("nan")
@@ -91,9 +125,25 @@ def pi_ratio(intra: float, inter: float) -> float:
 
 
 def singular_values(emb: Any) -> np.ndarray:
-    """Singular values of the uncentred embedding matrix, descending (float64)."""
-    x = check_embeddings(emb, np.float64, min_rows=1)
-    return np.linalg.svd(x, compute_uv=False)
+    """Singular values of the uncentred embedding matrix, descending (float64).
+
+    Blockwise QR (module docstring) when there are more rows than columns; the ``d x d``
+    factor's singular values are those of the whole matrix.
+    """
+    x = _as_float(emb)
+    n, d = x.shape
+    if n <= d:
+        return np.linalg.svd(np.asarray(x, dtype=np.float64), compute_uv=False)
+    R = np.zeros((0, d))
+    for _, b in _blocks(x, max(BLOCK_ROWS, 2 * d)):
+        R = np.linalg.qr(np.vstack([R, b]), mode="r")
+    return np.linalg.svd(R, compute_uv=False)
+
+
+def _as_float(emb: Any) -> np.ndarray:
+    """The embeddings as a float32 or float64 array (not copied to float64: blocks are converted)."""
+    keep32 = str(getattr(emb, "dtype", "")) in ("float32", "torch.float32")
+    return check_embeddings(emb, np.float32 if keep32 else np.float64, min_rows=1)
 
 
 def spectrum(emb: Any, m: int = 1) -> np.ndarray:
@@ -144,16 +194,19 @@ def rho_name(m: int) -> str:
 
 def embedding_space_metrics(
     emb: Any, labels: Any, rho_m: int = 2, rho_at: tuple[int, ...] = (), uniformity_rows: int | None = None,
-    seed: int = 0,
+    seed: int = 0, *, with_uniformity: bool = True,
 ) -> dict[str, float]:
     """``{"pi_intra", "pi_inter", "pi_ratio", "rho_spectrum", "uniformity"}`` of one embedding matrix.
 
     ``rho_spectrum`` is ``rho_spectrum@rho_m``; ``rho_at`` adds ``rho_spectrum_at_{m}`` for each
     ``m`` (Roth et al.'s README: ``rho_spectrum@1`` is the paper's spectral decay, ``@2`` the
     robust variant). ``uniformity_rows``: uniformity (O(n^2)) on a seeded uniform sample of
-    that many rows (an estimate of the same pairwise mean), all rows when None.
+    that many rows (an estimate of the same pairwise mean), all rows when None;
+    ``with_uniformity=False`` leaves it out (the rest is O(n d^2), read in blocks).
     """
-    x = check_embeddings(emb, np.float64, min_rows=2)
+    x = _as_float(emb)
+    if x.shape[0] < 2:
+        raise ValueError(f"embeddings has {x.shape[0]} rows; at least 2 needed")
     y = check_labels(labels, x.shape[0])
     intra = pi_intra(x, y)
     inter = pi_inter(x, y)
@@ -166,8 +219,10 @@ def embedding_space_metrics(
         "pi_inter": inter,
         "pi_ratio": pi_ratio(intra, inter),
         "rho_spectrum": rho_spectrum(x, rho_m),
-        "uniformity": uniformity(xu),
     }
+    if with_uniformity:
+        out["uniformity"] = uniformity(xu)
     for m in rho_at:
         out[rho_name(int(m))] = rho_spectrum(x, int(m))
     return out
+

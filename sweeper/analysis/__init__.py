@@ -25,6 +25,7 @@ from .correlation import correlation as _correlation
 from .factors import factors as _factors
 from .report import report as _report
 from .runs import find_parent_run, load_runs
+from .cache import load_runs_cached
 
 Analysis = Callable[..., AnalysisResult]
 
@@ -143,6 +144,7 @@ __all__ = [
     "AnalysisResult",
     "find_parent_run",
     "load_runs",
+    "load_runs_cached",
     "register",
     "options_of",
     "validate_analyses",

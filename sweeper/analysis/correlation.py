@@ -142,6 +142,16 @@ def correlation_table(df: pd.DataFrame) -> Table:
     return Table(headers, rows)
 
 
+def marker_style(n: int) -> tuple[float, float]:
+    """``(size, alpha)`` of scatter markers for ``n`` points: 18 / 0.85 up to 200 points, then both
+    shrink like ``1/sqrt(n)`` (2,000 points: 5.7 / 0.27; floors 3 / 0.1) so that dense regions
+    read as density instead of one blot."""
+    if n <= 200:
+        return 18.0, 0.85
+    f = math.sqrt(200.0 / n)
+    return max(3.0, 18.0 * f), max(0.1, 0.85 * f)
+
+
 def scatter_grid(pts: pd.DataFrame, df: pd.DataFrame, x: Sequence[str], y: Sequence[str], path: Path, color_by: str | None) -> Path:
     """Rows: test metrics; columns: embedding metrics; r and rho in each title."""
     from matplotlib import colormaps
@@ -152,6 +162,7 @@ def scatter_grid(pts: pd.DataFrame, df: pd.DataFrame, x: Sequence[str], y: Seque
     cats = sorted({str(c) for c in colors if c is not None})
     cmap = colormaps["tab10" if len(cats) <= 10 else "tab20"]
     stats_by = {(r.embedding_metric, r.test_metric): r for r in df.itertuples(index=False)}
+    size, alpha = marker_style(len(pts))
     for i, ym in enumerate(y):
         for j, xm in enumerate(x):
             ax = axes[i][j]
@@ -159,12 +170,13 @@ def scatter_grid(pts: pd.DataFrame, df: pd.DataFrame, x: Sequence[str], y: Seque
             if cats:
                 for k, cat in enumerate(cats):
                     sel = (colors.map(lambda c: str(c) if c is not None else None) == cat).to_numpy()
-                    ax.scatter(xs[sel], ys[sel], s=18, color=cmap(k % cmap.N), label=cat, alpha=0.85)
+                    ax.scatter(xs[sel], ys[sel], s=size, color=cmap(k % cmap.N), label=cat, alpha=alpha,
+                               linewidths=0)
                 rest = colors.isna().to_numpy() if len(colors) else np.zeros(0, bool)
                 if rest.any():
-                    ax.scatter(xs[rest], ys[rest], s=18, color="0.5", label="—", alpha=0.85)
+                    ax.scatter(xs[rest], ys[rest], s=size, color="0.5", label="—", alpha=alpha, linewidths=0)
             else:
-                ax.scatter(xs, ys, s=18, color="C0", alpha=0.85)
+                ax.scatter(xs, ys, s=size, color="C0", alpha=alpha, linewidths=0)
             r = stats_by[(xm, ym)]
             title = r.note if r.note else f"r={r.pearson_r:+.2f} (p={fmt_p(r.pearson_p)})\nρ={r.spearman_rho:+.2f} (p={fmt_p(r.spearman_p)})"
             ax.set_title(title, fontsize=9)
@@ -174,7 +186,10 @@ def scatter_grid(pts: pd.DataFrame, df: pd.DataFrame, x: Sequence[str], y: Seque
             ax.grid(alpha=0.3)
     if cats:
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, title=color_by, loc="outside right center", fontsize=8, title_fontsize=8)
+        legend = fig.legend(handles, labels, title=color_by, loc="outside right center", fontsize=8, title_fontsize=8,
+                            markerscale=max(1.0, 18.0 / size))
+        for h in legend.legend_handles:  # the key stays opaque when the points are faint
+            h.set_alpha(1.0)
     fig.savefig(path, dpi=90)
     return path
 

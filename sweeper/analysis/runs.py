@@ -155,9 +155,35 @@ def load_runs(
     (its latest execution is taken, see :func:`find_parent_run`); ``parent_run_id=`` and
     ``study=`` say which explicitly. ``experiment_ids`` narrows the study-name search.
     """
+    client = _client(tracking_uri)
+    parent, study = resolve_execution(client, tracking_uri, ref, parent_run_id=parent_run_id, study=study,
+                                      experiment_ids=experiment_ids)
+    parent_run_id, exp = parent.info.run_id, parent.info.experiment_id
+    children = _search_all(client, [exp], children_filter(parent_run_id))
+    df = runs_to_frame(children)
+    df.attrs.update(execution_attrs(parent, study, tracking_uri))
+    return df
+
+
+def children_filter(parent_run_id: str) -> str:
+    """The ``search_runs`` filter of an execution's child runs."""
+    return f"tags.mlflow.parentRunId = {_quote(parent_run_id)}"
+
+
+def execution_attrs(parent, study: str | None, tracking_uri: str | None) -> dict[str, Any]:
+    """``df.attrs`` of the frame of an execution (module docstring)."""
+    return dict(parent_run_id=parent.info.run_id, study=study or parent.data.tags.get("study"),
+                experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri)
+
+
+def resolve_execution(client, tracking_uri: str | None, ref: str | None = None, *, parent_run_id: str | None = None,
+                      study: str | None = None, experiment_ids: list[str] | None = None):
+    """``(parent Run, study name or None)`` of the execution ``ref`` (or ``parent_run_id=`` / ``study=``) names.
+
+    See :func:`load_runs` for how ``ref`` is read.
+    """
     if sum(x is not None for x in (ref, parent_run_id, study)) != 1:
         raise ValueError("load_runs: give exactly one of a parent run id or a study name")
-    client = _client(tracking_uri)
     if ref is not None:
         if _HEX32.fullmatch(ref):
             try:
@@ -170,16 +196,6 @@ def load_runs(
     if parent_run_id is None:
         parent_run_id = find_parent_run(tracking_uri, study, experiment_ids)
     try:
-        parent = client.get_run(parent_run_id)
+        return client.get_run(parent_run_id), study
     except Exception as err:
         raise ValueError(f"no parent run {parent_run_id!r} at {tracking_uri}: {type(err).__name__}") from None
-    exp = parent.info.experiment_id
-    children = _search_all(client, [exp], f"tags.mlflow.parentRunId = {_quote(parent_run_id)}")
-    df = runs_to_frame(children)
-    df.attrs.update(
-        parent_run_id=parent_run_id,
-        study=study or parent.data.tags.get("study"),
-        experiment_id=exp,
-        tracking_uri=tracking_uri,
-    )
-    return df
