@@ -153,13 +153,17 @@ def test_fair_benchmark_lists_the_reference_sample_runs(loaded):
 
 def test_rho_study_grid(loaded):
     full, quick = loaded["rho_regularization"]
-    ps = sorted({t.config.miner.params["p"] for t in full.trials})
+    # the Sample_Runs' cp values (R: Sample_Runs/ICML2020_RevisitDML_SampleRuns.sh:115-139, 261-285, 403-427)
+    ps = sorted({t.config.miner.params["cp"] for t in full.trials})
     assert ps[0] == 0.0 and len(ps) >= 4 and {0.15, 0.3, 0.35, 0.4} <= set(ps)
-    assert {t.config.miner.name for t in full.trials} == {"rho_distance"}
+    assert {t.config.miner.name for t in full.trials} == {"roth_rho_distance"}
     variants = {(t.config.loss.name, t.config.loss.params.get("beta")) for t in full.trials}
-    assert variants == {("margin", 0.6), ("margin", 1.2), ("triplet", None), ("contrastive", None), ("snr", None)}
-    assert all(t.config.miner.params["cutoff"] == 0.5 for t in full.trials)
-    assert sorted({t.config.miner.params["p"] for t in quick.trials}) == [0.0, 0.2, 0.4]
+    assert variants == {("roth_margin", 0.6), ("roth_margin", 1.2), ("roth_triplet", None), ("roth_contrastive", None), ("roth_snr", None)}
+    # lower cutoff 0.5 (R: parameters.py:147), no upper cutoff (R: batchminer/rho_distance.py:61-63)
+    assert all(t.config.miner.params["lower_cutoff"] == 0.5 and "upper_cutoff" not in t.config.miner.params for t in full.trials)
+    snr = {t.config.loss.params.get("reg_lambda") for t in full.trials if t.config.loss.name == "roth_snr"}
+    assert snr == {0.005}  # the SNR regulariser is on with rho_distance (R: criteria/snr.py:18)
+    assert sorted({t.config.miner.params["cp"] for t in quick.trials}) == [0.0, 0.2, 0.4]
     corr = dict(full.spec.analysis_specs())["correlation"]
     assert "best/train/rho_spectrum" in corr["x"] and R1 in corr["y"]
 
@@ -172,6 +176,8 @@ def test_batch_composition_grid(loaded):
                      (112, 2, "greedy_coreset"), (112, 2, "d2_coreset"), (112, 2, "fid_batchmatch"),
                      (112, 2, "disthist_batchmatch")}
     assert len({t.config.loss.name for t in full.trials}) >= 3
+    assert all(t.config.loss.name.startswith("roth_") for t in full.trials)  # the reference's criteria
+    assert {t.config.miner.name for t in full.trials} == {"roth_distance", "none"}
     assert {t.config.batch.samples_per_class for t in quick.trials} == {0, 2, 4, 8, 16}
 
 
@@ -187,12 +193,16 @@ def test_factors_study_is_one_factor_at_a_time(loaded):
         assert len({p[i] for p in pipelines}) >= 3, k
     fac = dict(full.spec.analysis_specs())["factors"]
     assert set(keys) <= set(fac["factors"]) and all(fac["reference"][k] == base[k] for k in keys)
-    assert len({t.config.loss.name for t in full.trials}) >= 3
+    losses = {t.config.loss.name for t in full.trials}
+    assert len(losses) >= 3 and all(n.startswith("roth_") for n in losses)  # the reference's criteria
+    assert fac["reference"]["loss.name"] in losses
 
 
 def test_embedding_correlation_varies_losses_dims_and_composition(loaded):
     full, _ = loaded["embedding_correlation"]
     assert len({(t.config.loss.name, t.config.miner.name, str(t.config.loss.params)) for t in full.trials}) >= 8
+    assert all(t.config.loss.name.startswith("roth_") for t in full.trials)  # the reference's criteria
+    assert {t.config.miner.name for t in full.trials} == {"roth_distance", "roth_rho_distance", "none"}
     assert {t.config.model.embed_dim for t in full.trials} == {128}  # the paper correlates 128-d runs
     assert len({t.config.batch.samples_per_class for t in full.trials}) >= 3
     corr = [o for n, o in full.spec.analysis_specs() if n == "correlation"][0]
@@ -291,7 +301,7 @@ def test_batch_composition_quick_end_to_end(ray_session, tmp_path, mlflow_uri):
     study, outcome, adir, text = _run_quick("batch_composition", tmp_path, mlflow_uri)
     agg = pd.read_csv(adir / "aggregate.csv")
     _check_aggregate(agg, 11, [R1, "best/test/map_at_r", "best/test/nmi"])  # 5 compositions + 6 more samplers at m = 2
-    assert sorted(agg["batch.samples_per_class"]) == [0] + [2] * 7 + [4, 8, 16] and set(agg["loss.name"]) == {"margin"}
+    assert sorted(agg["batch.samples_per_class"]) == [0] + [2] * 7 + [4, 8, 16] and set(agg["loss.name"]) == {"roth_margin"}
     assert (agg["best/train/rho_spectrum:mean"] >= 0).all() and (agg["best/train/pi_ratio:mean"] > 0).all()
     fac = pd.read_csv(adir / "factors.csv")
     rows = fac[(fac["factor"] == "batch.samples_per_class") & (fac["metric"] == R1)]
@@ -306,8 +316,8 @@ def test_rho_regularization_quick_end_to_end(ray_session, tmp_path, mlflow_uri):
     study, outcome, adir, text = _run_quick("rho_regularization", tmp_path, mlflow_uri)
     agg = pd.read_csv(adir / "aggregate.csv")
     _check_aggregate(agg, 3, [R1, "best/test/map_at_r", "best/train/rho_spectrum", "best/train/pi_ratio"], seeds=2)
-    assert list(zip(agg["loss.name"], agg["loss.params.beta"], agg["miner.params.p"])) == [
-        ("margin", 0.6, 0.0), ("margin", 0.6, 0.2), ("margin", 0.6, 0.4)]
+    assert list(zip(agg["loss.name"], agg["loss.params.beta"], agg["miner.params.cp"])) == [
+        ("roth_margin", 0.6, 0.0), ("roth_margin", 0.6, 0.2), ("roth_margin", 0.6, 0.4)]
     assert (agg["seeds"] == "0,1").all() and (agg["best/train/rho_spectrum:mean"] >= 0).all()
     corr = pd.read_csv(adir / "correlation.csv")
     assert set(corr["embedding_metric"]) == {"best/train/rho_spectrum", "best/train/pi_ratio"}
@@ -318,7 +328,7 @@ def test_rho_regularization_quick_end_to_end(ray_session, tmp_path, mlflow_uri):
         assert_png(adir / png)
     md = (adir / "report.md").read_text()
     assert "Embedding-space metrics vs test performance" in md and "0.649" in md  # the reference note
-    # the same-class pushes were made (train/miner_push_triplets > 0) exactly when p > 0
+    # the same-class pushes were made (train/miner_push_triplets > 0) exactly when cp > 0
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri)
@@ -327,7 +337,7 @@ def test_rho_regularization_quick_end_to_end(ray_session, tmp_path, mlflow_uri):
     assert len(runs) == 6
     for r in runs:
         push = r.data.metrics["train/miner_push_triplets"]
-        assert (push > 0) == (float(r.data.params["miner.params.p"]) > 0), (r.data.params["miner.params.p"], push)
+        assert (push > 0) == (float(r.data.params["miner.params.cp"]) > 0), (r.data.params["miner.params.cp"], push)
 
 
 # ----------------------------------------------------------------------------- vs_fid

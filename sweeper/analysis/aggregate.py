@@ -145,6 +145,7 @@ def aggregate(
     lower_is_better: Sequence[str] = (),
     precision: int = 4,
     filename: str = "aggregate",
+    modes: str | Sequence[str] = ("selected",),
 ) -> AnalysisResult:
     """Mean ± std over seeds per configuration; writes ``<filename>.csv`` and ``.md``.
 
@@ -152,8 +153,20 @@ def aggregate(
     ``best/test/map_at_r``, ``best/test/nmi``, ``best/test/f1``), ``group_by`` (default:
     every varying param except ``seed_key`` and ``ignore``), ``ignore`` (params never
     grouped on; default: name, device, data root/workers/cache, checkpoint_every),
-    ``lower_is_better`` (metrics whose best group has the lowest mean), ``precision``.
+    ``lower_is_better`` (metrics whose best group has the lowest mean), ``precision``,
+    ``modes`` (``selected``: every metric at the one validation-selected epoch, the default;
+    ``as_published``: each test metric at its own best epoch over training, as the tables of
+    Roth et al. 2020, optimistic, written to ``<filename>_as_published.csv`` / ``.md``;
+    both: ``[selected, as_published]``; see :mod:`sweeper.analysis.history`).
     """
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"aggregate.modes: unknown mode {bad[0] if bad else '(none)'!r} (choose from {', '.join(MODES)})")
+    if modes != ["selected"]:
+        return _aggregate_modes(runs, out_dir, modes, study_name=study_name, console=console, metrics=metrics,
+                                group_by=group_by, ignore=ignore, seed_key=seed_key,
+                                lower_is_better=lower_is_better, precision=precision, filename=filename)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_key = strip_prefix(seed_key)
@@ -197,3 +210,54 @@ def aggregate(
             console.print(f"[yellow]aggregate: {n}[/]")
         console.print(caption)
     return AnalysisResult("aggregate", [csv, md], blocks, df, notes)
+
+
+# ----------------------------------------------------------------------------- modes
+MODES = ("selected", "as_published")
+AS_PUBLISHED_NOTE = (
+    "**As published (optimistic).** Each test metric at its own best epoch over training, chosen on the "
+    "test set, as the tables of Roth et al. 2020 (per-metric nanmax over epochs, R: Result_Evaluations.py:35-67): "
+    "Recall@1 and NMI of one run may come from different epochs. Train embedding-space metrics at the epoch of "
+    "the best test Recall@1. An upper bound for comparison with the paper's tables, not a result: the honest "
+    "numbers are the validation-selected ones."
+)
+
+
+def _aggregate_modes(runs: pd.DataFrame, out_dir: Any, modes: Sequence[str], *, filename: str, console: Any, **kw: Any) -> AnalysisResult:
+    """``aggregate`` once per mode; one result whose blocks hold each table under its label."""
+    from .history import as_published_frame
+
+    results: dict[str, AnalysisResult] = {}
+    skipped: list[str] = []
+    for mode in dict.fromkeys(modes):
+        if mode == "selected":
+            results[mode] = aggregate(runs, out_dir, filename=filename, console=console, **kw)
+            continue
+        ok, _ = split_status(runs)
+        names, _ = resolve_metrics(ok, kw.get("metrics"), default_test_metrics(ok))
+        try:
+            published = as_published_frame(runs, names, kw.get("lower_is_better") or ())
+        except ValueError as err:
+            skipped.append(f"as-published table not computed: {err}")
+            continue
+        published.attrs.update(runs.attrs)
+        out_dir = Path(out_dir)
+        res = aggregate(published, out_dir, filename=f"{filename}_as_published", console=console, **kw)
+        res.blocks[0] = Heading("Aggregate over seeds, as published (optimistic)")
+        table = next(b for b in res.blocks if isinstance(b, Table))
+        table.caption = (table.caption or "").split(" Values at the epoch selected")[0] + " Values: each test metric at its best epoch (selected on test)."
+        res.blocks.insert(1, Paragraph(AS_PUBLISHED_NOTE))
+        name = kw.get("study_name") or "Study"
+        write_markdown(out_dir / f"{filename}_as_published.md",
+                       [Heading(f"{name}: aggregate over seeds, as published (optimistic)", 1), *res.blocks[1:]])
+        results[mode] = res
+    if "selected" in results and "as_published" in results:
+        results["selected"].blocks[0] = Heading("Aggregate over seeds (validation-selected epoch)")
+    first = next(iter(results.values()), None)
+    blocks = [b for r in results.values() for b in r.blocks] + [Paragraph(f"Note: {n}.") for n in skipped]
+    if console is not None:
+        for n in skipped:
+            console.print(f"[yellow]aggregate: {n}[/]")
+    files = [f for r in results.values() for f in r.files]
+    notes = [n for r in results.values() for n in r.notes] + skipped
+    return AnalysisResult("aggregate", files, blocks, first.table if first else pd.DataFrame(), notes)
