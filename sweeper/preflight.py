@@ -322,11 +322,13 @@ def reported_metrics(cfg: RunConfig) -> tuple[set[str], tuple[str, ...]]:
     per_split = [metric_name("recall", k) for k in ev.recall_k] + ["map_at_r", "r_precision", metric_name("map", 1000)]
     if ev.clustering:
         per_split += ["nmi", "f1"]
+    if getattr(ev, "protocol", "zero_shot") == "closed_set":  # dmlcore/metrics/closed_set.py
+        per_split += ["precision_at_1", "knn_accuracy", "knn_precision", "knn_recall", "knn_f1"]
     splits = ["test"] + (["val"] if cfg.data.val_classes > 0 else [])
     names |= {f"{s}/{m}" for s in splits for m in per_split}
     if ev.embedding_metrics:
         names |= {f"train/{m}" for m in ("pi_intra", "pi_inter", "pi_ratio", "rho_spectrum", "uniformity")}
-    if cfg.data.split != "standard":
+    if cfg.data.split not in ("standard", "closed"):
         names.add("data/fid")
     open_prefixes = ("train/",) + (("fewshot/",) if ev.few_shot is not None else ())
     return names, open_prefixes
