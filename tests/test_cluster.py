@@ -11,10 +11,18 @@ local Ray (``conftest.ray_session``). Teardown stops exactly the processes start
 (SIGTERM to each ``ray start --block``, which takes its Ray processes down; SIGKILL to its
 process group for anything left) — never ``ray stop``, which would stop every Ray on the
 machine.
+
+Loopback only (F11): Ray 2.60's GCS and raylet bind every interface (``::``) whatever
+``--node-ip-address`` says, and the runtime-env agent binds the machine's address. So the
+nodes and the driver run inside one network namespace of their own that has nothing but
+loopback (``unshare --user --net``, joined with ``nsenter``): nothing of the cluster can be
+reached from outside the machine's loopback. ``test_cluster_listens_on_loopback_only``
+lists every listening socket of the cluster's processes and holds that.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import shutil
@@ -70,6 +78,32 @@ FAILURES = {
 }
 
 
+class LoopbackNamespace:
+    """A user + network namespace whose only interface is loopback, held open by a
+    sleeping process (``unshare -rn``); ``wrap(cmd)`` runs a command inside it."""
+
+    def __init__(self):
+        if not (shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip")):
+            pytest.skip("unshare / nsenter / ip not available (util-linux, iproute2)")
+        self.proc = subprocess.Popen(
+            ["unshare", "--map-root-user", "--net", "sh", "-c", "ip link set lo up && echo up && exec sleep 86400"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        line = self.proc.stdout.readline().strip()
+        if line != "up":
+            self.close()
+            pytest.skip(f"no unprivileged network namespace on this machine: {line}")
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        return ["nsenter", f"--target={self.proc.pid}", "--user", "--net", "--preserve-credentials", *cmd]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -101,7 +135,8 @@ def sweeper_cmd() -> list[str]:
 class RayNode:
     """One ``ray start --block`` process (and the Ray processes it owns)."""
 
-    def __init__(self, name: str, args: list[str], temp_dir: str, log_dir: Path, env: dict[str, str]):
+    def __init__(self, name: str, args: list[str], temp_dir: str, log_dir: Path, env: dict[str, str],
+                 netns: LoopbackNamespace):
         self.name = name
         self.log_path = log_dir / f"ray-{name}.log"
         ports = [  # fixed defaults (e.g. the agent's 52365) would clash with the other node
@@ -115,7 +150,7 @@ class RayNode:
             "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp_dir}", *ports, *args,
         ]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(netns.wrap(cmd), stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -151,8 +186,9 @@ def two_node_cluster(tmp_path_factory):
     """Head (``--resources {"head": 1}``) + a second node (``{"worker2": 1}``), one CPU each.
 
     Every process of the cluster has the test plug-in (``raise_for_tests``) on its path.
-    Yields ``(address, env)``: the GCS address and the environment a driver needs (the
-    cluster's token, the plug-in path).
+    Yields ``(address, env, netns, nodes)``: the GCS address, the environment a driver
+    needs (the cluster's token, the plug-in path), the loopback-only network namespace the
+    cluster lives in (a driver must run inside it) and the node processes.
     """
     pytest.importorskip("ray")
     logs = tmp_path_factory.mktemp("ray-cluster")
@@ -165,20 +201,22 @@ def two_node_cluster(tmp_path_factory):
     port = free_port()
     address = f"{HOST}:{port}"
     nodes: list[RayNode] = []
+    netns = LoopbackNamespace()
     try:
         head = RayNode(
             "head", ["--head", f"--port={port}", "--include-dashboard=false", '--resources={"head": 1}'],
-            temp_dir, logs, env,
+            temp_dir, logs, env, netns,
         )
         nodes.append(head)
         head.wait_started()
-        second = RayNode("worker2", [f"--address={address}", '--resources={"worker2": 1}'], temp_dir, logs, env)
+        second = RayNode("worker2", [f"--address={address}", '--resources={"worker2": 1}'], temp_dir, logs, env, netns)
         nodes.append(second)
         second.wait_started()
-        yield address, env
+        yield address, env, netns, nodes
     finally:
         for node in reversed(nodes):
             node.stop()
+        netns.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -188,7 +226,7 @@ def cluster_study(two_node_cluster, tmp_path_factory, _mlflow_template_db):
     (optim.lr 1e30 -> NaN; the raising loss term; 200 samples per class where digits'
     train classes have fewer), half a CPU each: the four run at once, two per node. Logged
     to one SQLite store (reachable: both nodes are on this machine)."""
-    address, env = two_node_cluster
+    address, env, netns, _ = two_node_cluster
     work = tmp_path_factory.mktemp("cluster-study")
     db = work / "mlflow.db"
     shutil.copyfile(_mlflow_template_db, db)
@@ -204,8 +242,8 @@ def cluster_study(two_node_cluster, tmp_path_factory, _mlflow_template_db):
         resources={"cpu": 0.5},
     )
     r = subprocess.run(
-        [*sweeper_cmd(), "run", str(path), "--address", address, "--storage", str(work / "runs"),
-         "--tracking-uri", uri, "--no-live"],
+        netns.wrap([*sweeper_cmd(), "run", str(path), "--address", address, "--storage", str(work / "runs"),
+         "--tracking-uri", uri, "--no-live"]),
         cwd=work, capture_output=True, text=True, timeout=480, env=env,
     )
     t = tracking.Tracker(uri)
@@ -263,3 +301,67 @@ def test_failing_trials_fail_with_one_line_and_the_others_finish(cluster_study):
     tb = Path(t.client.download_artifacts(children[2].info.run_id, "error.txt", str(cs["work"]))).read_text()
     assert "Traceback" in tb and "raise_for_tests" in tb
     assert cs["parents"][0].data.tags["trials_failed"] == "3"
+
+
+def _process_tree(roots: list[int]) -> set[int]:
+    """The given processes, their descendants and everything in their sessions (Linux /proc)."""
+    children: dict[object, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d))  # parent pid
+        children.setdefault(("session", int(fields[3])), []).append(int(d))
+    todo = [*roots, *(p for r in roots for p in children.get(("session", r), []))]
+    seen: set[int] = set()
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += children.get(pid, [])
+    return seen
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, int, int, bool]]:
+    """``(address, port, pid, netns_has_only_loopback)`` for every listening TCP socket one of
+    ``pids`` holds, read from /proc (each process's own network namespace)."""
+    found = []
+    for pid in sorted(pids):
+        try:
+            inodes = {
+                int(t[8:-1]) for fd in os.listdir(f"/proc/{pid}/fd")
+                if (t := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith("socket:[")
+            }
+            devs = [ln.split(":")[0].strip() for ln in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]]
+            tables = [(fam, Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:])
+                      for fam, name in ((socket.AF_INET, "tcp"), (socket.AF_INET6, "tcp6"))]
+        except OSError:  # the process ended meanwhile
+            continue
+        for fam, lines in tables:
+            for ln in lines:
+                f = ln.split()
+                if f[3] != "0A" or int(f[9]) not in inodes:  # 0A: LISTEN
+                    continue
+                hexaddr, port = f[1].split(":")
+                raw = bytes.fromhex(hexaddr)  # /proc prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((socket.inet_ntop(fam, raw), int(port, 16), pid, devs == ["lo"]))
+    return found
+
+
+def test_cluster_listens_on_loopback_only(two_node_cluster):
+    """F11: no process of the test cluster accepts connections from beyond the machine's
+    loopback: every listening socket is bound to a loopback address, or lives in a network
+    namespace whose only interface is ``lo``."""
+    _, _, _, nodes = two_node_cluster
+    sockets = listening_sockets(_process_tree([n.proc.pid for n in nodes]))
+    assert len(sockets) >= 4, sockets  # GCS, 2 x raylet, ... : the listing sees the cluster
+    reachable = [
+        (addr, port, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:100].decode(errors="replace"))
+        for addr, port, pid, only_lo in sockets
+        if not only_lo and not ipaddress.ip_address(addr).is_loopback
+    ]
+    assert not reachable, reachable
