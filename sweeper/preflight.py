@@ -389,14 +389,26 @@ def data_problem(cfg: RunConfig) -> str | None:
     if cfg.data.split == CLOSED_SPLIT:  # same classes on both sides: nothing to resolve
         return None
     try:
-        split, _ = resolve_split(cfg.data.split, source)
-        carve_val(split.train_classes, cfg.data.val_classes, source.name)
+        split, extra = resolve_split(cfg.data.split, source)
+        if "val_split" in extra and cfg.data.val_classes > 0:  # a published ooDML split's own train classes
+            train_classes = tuple(extra["val_split"]["train"])
+        else:
+            train_classes, _ = carve_val(split.train_classes, cfg.data.val_classes, source.name)
         # an imported ooDML split file: its shape, id, classes at data.root and episodes
         from dmlcore.oodml.published import check_split
 
         check_split(cfg, strict=True)
     except (DataError, ConfigError, KeyError, ValueError) as err:
         return line(err, "data.split")
+    try:  # the batch composition the train classes must fill (the trainer's own sampler check)
+        import numpy as np
+
+        from dmlcore.data.samplers import build_sampler
+
+        labels = np.asarray(source.labels)
+        build_sampler(cfg, labels[np.isin(labels, np.asarray(train_classes, dtype=labels.dtype))])
+    except (DataError, ConfigError, KeyError, ValueError) as err:
+        return f"batch: {' '.join(str(err).split())}"
     return None
 
 

@@ -188,7 +188,8 @@ def test_search_on_a_test_metric_warns_once(tmp_path, capfd):
     assert err.count("warning:") == 1 and "zero-shot test classes" in err and "val/recall_at_1" in err, err
     ok = write_study(tmp_path, "honest", search={"samples": 2, "space": space}, metric="val/recall_at_1",
                      base={**__import__("conftest").TINY_BASE, "data": {"dataset": "digits", "image_size": 16,
-                           "augmentation": "none", "val_classes": 0.4}})
+                           "augmentation": "none", "val_classes": 0.4},
+                           "batch": {"size": 24, "samples_per_class": 8, "iterations_per_epoch": 3}})  # 3 train classes x 8
     assert main(["run", str(ok), "--dry-run"]) == 0
     assert "warning" not in capfd.readouterr().err
     q = load_study(Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml")

@@ -68,6 +68,9 @@ def test_gpu_request_on_a_cpu_only_machine_exits_2_before_ray_starts(study_file,
     ({"metric": "test/recal_at_1"}, "metric", ["did you mean 'test/recall_at_1'"]),
     ({"metric": "val/recall_at_1"}, "metric", ["data.val_classes > 0"]),
     ({"scheduler": {"metric": "test/map_at_k"}}, "scheduler.metric", ["did you mean 'test/map_at_r'"]),
+    # digits trains on 5 classes; holding out 40 % leaves 3, and 32 = 4 classes x 8 cannot be filled
+    ({"base": {**TINY_BASE, "data": {**TINY_BASE["data"], "val_classes": 0.4}}}, "batch",
+     ["needs 4 classes per batch", "only 3 classes"]),
 ])
 def test_impossible_study_is_one_line_naming_the_key(fields, key, words, study_file, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
