@@ -158,6 +158,7 @@ def test_missing_weights_stop_sweeper_run_before_ray_starts(torch_home, tmp_path
     study.write_text(yaml.safe_dump({
         "name": "w",
         "base": {"data": {"dataset": "digits", "image_size": 32}, "train": {"epochs": 1, "device": "cpu"},
+                 "batch": {"size": 20, "samples_per_class": 4},  # 5 train classes x 4: only the weights are missing
                  "model": {"backbone": "resnet18", "pretrained": "imagenet", "freeze_bn": True}},
         "axes": {"model.embed_dim": [8, 16]},
     }))
