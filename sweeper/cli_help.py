@@ -77,12 +77,12 @@ BUILTIN_EXAMPLES: dict[str, list[Example]] = {
     ],
     "show": [
         Example("sweeper show quickstart", "the trials of studies/quickstart.yaml"),
-        Example("sweeper show quickstart --quick --set seeds=[0,1]", "the quick variant, with two seeds"),
+        Example("sweeper show quickstart --quick --set 'seeds=[0,1]'", "the quick variant, with two seeds"),
         Example("sweeper show quickstart --json", "the resolved study as JSON"),
     ],
     "run": [
         Example("sweeper run quickstart --quick --dry-run", "validate and preflight; start nothing"),
-        Example("sweeper run quickstart --quick --set seeds=[0]", "run the quick variant with one seed", runs=False),
+        Example("sweeper run quickstart --quick --set 'seeds=[0]'", "run the quick variant with one seed", runs=False),
         Example("sweeper run quickstart --resume", "continue the latest execution with its flags", runs=False),
         Example("sweeper run quickstart --quick --json", "the outcome as JSON on stdout, progress on stderr",
                 runs=False),
