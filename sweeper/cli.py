@@ -539,14 +539,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from . import executions as ex
 
+    from .refs import study_name_of, suggestion
+
     study = args.study
-    if study is not None and (study.endswith((".yaml", ".yml")) or Path(study).is_file()):
-        from dmlcore.config import read_yaml
-
-        from .refs import resolve_study_file
-
-        raw = read_yaml(resolve_study_file(study))
-        study = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else Path(study).stem
+    if study is not None:  # a study file, its stem or a study name -> the name in sweeper.json
+        study = study_name_of(study) or study
     root = Path(args.storage).expanduser() if args.storage else Path("runs")
     found = ex.list_executions(root, study, mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri)
     if args.json:
@@ -556,7 +553,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     if not found:
-        console.print(f"no study executions under {root.resolve()}" + (f" for '{study}'" if study else ""), soft_wrap=True)
+        hint = suggestion(study, sorted({st.get("study", "") for _, st in ex.scan(root)})) if study else ""
+        console.print(f"no study executions under {root.resolve()}" + (f" for '{study}'{hint}" if study else ""),
+                      soft_wrap=True)
         return 0
     cols, rows = ex.table_rows(found)
     if not console.is_terminal:  # piped: plain tab-separated lines, a header first
