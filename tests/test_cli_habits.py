@@ -300,3 +300,23 @@ def test_run_json_then_ls(ray_session, tmp_path, mlflow_uri, capsys, monkeypatch
     assert ex["status"] == "finished" and ex["counts_from"] == "state" and ex["trials"] == {"done": 1}
     assert ex["total"] == 1 and ex["parent_run_id"] == doc["parent_run_id"] and ex["execution"] == doc["execution"]
     assert ex["best"]["value"] == doc["best"]["value"] and ex["best"]["trial"] == doc["best"]["name"]
+
+
+def test_the_driver_records_status_and_summary(tmp_path):
+    from sweeper.executions import decide_status, running_fields, summary_fields
+    from sweeper.tune import StudyOutcome, TrialOutcome
+
+    def outcome(statuses, interrupted=False):
+        trials = [TrialOutcome(str(i), i, {}, st, 0.5 + i / 10 if st == "done" else None) for i, st in enumerate(statuses)]
+        return StudyOutcome("s", "e", tmp_path, "test/recall_at_1", "max", [], trials=trials, total=4,
+                            interrupted=interrupted)
+
+    state = running_fields("test/recall_at_1", "max", 4)
+    assert state["status"] == "running" and state["driver"]["pid"] == os.getpid() and state["total"] == 4
+    assert decide_status(state) == ("running", f"driver pid {os.getpid()}")
+    done = summary_fields(outcome(["done", "failed", "done", "done"]))
+    assert done["status"] == "finished" and done["summary"]["trials"] == {"done": 3, "failed": 1}
+    assert done["summary"]["best"]["trial"] == "#003" and done["summary"]["best"]["value"] == pytest.approx(0.8)
+    assert summary_fields(outcome(["failed"] * 4))["status"] == "failed"
+    cut = summary_fields(outcome(["done", "interrupted"], interrupted=True))
+    assert cut["status"] == "interrupted" and cut["summary"]["trials"] == {"done": 1, "interrupted": 1, "not started": 2}
