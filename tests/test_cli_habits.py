@@ -102,6 +102,9 @@ def test_set_search_samples(study_file, capsys):
     assert _show_json(capsys, str(path))["size"] == 4
     doc = _show_json(capsys, str(path), "--set", "search.samples=50", "--set", "search.sampler=random")
     assert doc["size"] == 50 and doc["search"]["samples"] == 50 and doc["search"]["sampler"] == "random"
+    assert main(["show", str(path), "--set", "search.samples=50"]) == 0
+    out = capsys.readouterr().out
+    assert "50 samples" in out and "[1e-4, 0.01] log" in out  # the range rounded by the same rule
 
 
 @pytest.mark.parametrize("setting, words", [
