@@ -9,7 +9,8 @@ computes the single-process reference with the plain trainer in this process and
   parameters after every step, the model's and the criterion's, to 1e-6 -- with SGD, not
   Adam, so that a gradient off by a factor (the world size) cannot hide behind Adam's
   normalisation; frozen BatchNorm (the Roth protocol), and the updates themselves are
-  checked to be far larger than the tolerance;
+  checked to be far larger than the tolerance; the same with a storage sampler
+  (``greedy_coreset``: its batches come from the gathered train embeddings);
 * distributed evaluation: every metric (R@k, mAP@R, NMI, pi, rho, on test, val and train)
   equals the single-process evaluation of the same model, and the gathered embeddings
   equal the single-process ones row by row (shards of odd sizes, a subset in a scrambled
@@ -61,6 +62,8 @@ BASE = {
 STEP_CASES = {
     "tuple_miner": {"loss.name": "roth_margin", "miner.name": "roth_distance"},
     "proxy": {"loss.name": "roth_proxynca", "miner.name": "none"},
+    # a storage sampler: the train embeddings gathered to every rank, the rows refreshed per step
+    "storage_sampler": {"loss.name": "roth_margin", "miner.name": "roth_distance", "batch.sampler": "greedy_coreset"},
 }
 
 EVAL = {  # odd split sizes: 11 test classes x 23 (253), train_eval 9 x 23 (207), val 2 x 23
