@@ -58,7 +58,9 @@ would have. The metrics are then broadcast: every rank returns the same dict, so
 selection of the best epoch agrees everywhere (notes section 4: Recall@1 equal, max|d emb|
 2.1e-7; ``DistributedSampler`` is not used, it pads by repeating samples). Embedding passes
 outside an evaluation (the storage samplers' train embeddings) are all-gathered to every
-rank.
+rank. Every embedding pass is a collective call: all ranks make it, in the same order (the
+trainer does); code that embeds on one rank only wraps it in
+:meth:`DataParallel.local_embedding`.
 
 :func:`rank` and :func:`world_size` tell a reporter who logs (0 and 1 without a process
 group).
@@ -66,6 +68,7 @@ group).
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -338,19 +341,27 @@ class DataParallel:
     def embed(self, trainer: Any, ds: Any, indices: Any) -> tuple[torch.Tensor, np.ndarray]:
         """The trainer's ``embed`` with W ranks: inside an evaluation, a request served by
         every rank and gathered to rank 0; outside, a collective call gathered to every rank."""
+        indices = None if indices is None else np.asarray(list(indices), dtype=np.int64)
         if self.serving:
-            broadcast_object(("embed", _dataset_name(trainer, ds), None if indices is None else np.asarray(list(indices))))
+            broadcast_object(("embed", _dataset_name(trainer, ds), indices))
             return self._gathered(trainer, ds, indices, dst=0)
         return self._gathered(trainer, ds, indices, dst=None)
+
+    @contextlib.contextmanager
+    def local_embedding(self) -> Iterator[None]:
+        """Inside: the trainer's ``embed`` embeds on this rank alone, no collective (e.g. rank 0
+        embedding after training while the other ranks do something else)."""
+        before, self.local = self.local, True
+        try:
+            yield
+        finally:
+            self.local = before
 
     def _gathered(self, trainer: Any, ds: Any, indices: Any, dst: int | None) -> tuple[torch.Tensor, np.ndarray]:
         idx = None if indices is None else np.asarray(list(indices), dtype=np.int64)
         mine = shard(len(ds), self.rank, self.world, idx)
-        self.local = True
-        try:
+        with self.local_embedding():
             emb, _ = trainer.embed(ds, mine)
-        finally:
-            self.local = False
         rows = gather_rows(emb, dst=dst)
         labels = np.asarray(ds.labels) if idx is None else np.asarray(ds.labels)[idx]
         if rows is None:

@@ -78,6 +78,8 @@ EVAL = {  # odd split sizes: 11 test classes x 23 (253), train_eval 9 x 23 (207)
     "eval.recall_k": [1, 2, 4],
 }
 
+TRAINING_BN = {"model.freeze_bn": False}  # each rank normalises its slice; rank 0's running statistics
+
 BAD = {
     "indivisible": {"batch.size": 15, "batch.samples_per_class": 3},
     "sync_bn_cpu": {"train.sync_bn": True},
@@ -116,6 +118,9 @@ def _worker(rank: int, port: int, weights: str, out: str) -> None:
             t.fit()
             res[name] = {"reports": rep.reports, "checkpoints": rep.checkpoints,
                          "model": t.model.state_dict(), "criterion": t.criterion.state_dict()}
+        t = Trainer(cfg(weights, {**STEP_CASES["tuple_miner"], **TRAINING_BN}), progress=False)
+        t.fit()
+        res["training_bn"] = t.model.state_dict()
         t = Trainer(eval_cfg(weights), progress=False).build()
         res["eval"] = {
             "metrics": t.evaluate(),
@@ -123,6 +128,9 @@ def _worker(rank: int, port: int, weights: str, out: str) -> None:
             # inside one: requests served by every rank, gathered to rank 0
             "served": t.dp.evaluate(t, lambda: {"test": t.embed(t.data.test)[0], "sub": t.embed(t.data.train_eval, SUBSET)[0]}),
         }
+        if rank == 0:  # one rank alone, no collective: must not hang
+            with t.dp.local_embedding():
+                res["eval"]["local_rank0"] = t.embed(t.data.test)[0]
         for name, over in BAD.items():
             try:
                 Trainer(cfg(weights, over), progress=False).build()
@@ -227,6 +235,16 @@ def test_two_worker_steps_equal_one_process_steps(case, ranks, weights):
     assert bn and all(torch.equal(r0["model"][k], init_model[k]) for k in bn)
 
 
+def test_training_batchnorm_stays_in_sync_with_rank_0(ranks, weights):
+    """Training BN (documented choice): slice statistics per rank, rank 0's running
+    statistics everywhere after an evaluation, the parameters identical on every rank."""
+    a, b = ranks[0]["training_bn"], ranks[1]["training_bn"]
+    assert _max_diff(a, b) == 0.0
+    init = Trainer(cfg(weights, {**STEP_CASES["tuple_miner"], **TRAINING_BN}), progress=False).build()
+    stats = [k for k in a if k.endswith("running_mean")]
+    assert stats and max(float((a[k] - init.model.state_dict()[k]).abs().max()) for k in stats) > 1e-3  # they trained
+
+
 def test_distributed_evaluation_equals_single_process(ranks, weights):
     t = Trainer(eval_cfg(weights), progress=False).build()
     single = t.evaluate()
@@ -249,6 +267,7 @@ def test_distributed_evaluation_equals_single_process(ranks, weights):
         assert e["served"]["test"].shape == ref_test.shape
         assert (e["served"]["test"] - ref_test).abs().max() < 1e-6
         assert (e["served"]["sub"] - ref_sub).abs().max() < 1e-6
+    assert (e0["local_rank0"] - ref_test).abs().max() < 1e-6 and "local_rank0" not in e1
 
 
 def test_bad_world_size_input_is_one_line_on_every_rank(ranks):
@@ -258,3 +277,17 @@ def test_bad_world_size_input_is_one_line_on_every_rank(ranks):
             "slice of the global batch); use a multiple of 2"
         )
         assert r["sync_bn_cpu"].startswith("train.sync_bn: SyncBatchNorm runs on CUDA only") and "\n" not in r["sync_bn_cpu"]
+
+
+@pytest.mark.parametrize("n,world", [(12, 2), (12, 3), (7, 2), (1, 4)])
+def test_shard_order_round_trip(n, world):
+    """Strided shards concatenated in rank order, put back: the original order (brute force)."""
+    from dmlcore.distributed import global_order, shard, unshard
+
+    rows = torch.arange(n * 2).view(n, 2)
+    shards = [shard(n, r, world) for r in range(world)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(n))  # disjoint, complete
+    cat = torch.cat([rows[torch.as_tensor(s, dtype=torch.long)] for s in shards])
+    assert torch.equal(unshard(cat, world), rows)
+    if n % world == 0:  # the training batch: equal slices
+        assert torch.equal(cat[global_order(n, world)], rows)
