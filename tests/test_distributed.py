@@ -64,6 +64,13 @@ STEP_CASES = {
     "proxy": {"loss.name": "roth_proxynca", "miner.name": "none"},
     # a storage sampler: the train embeddings gathered to every rank, the rows refreshed per step
     "storage_sampler": {"loss.name": "roth_margin", "miner.name": "roth_distance", "batch.sampler": "greedy_coreset"},
+    # a head's extra embeddings (the auxiliary CRT) are gathered like the main one; its own extra
+    # loss (consistency, diversity: per slice, documented) is weighted 0 here
+    "head_extra_embeddings": {
+        "loss.name": "roth_margin", "miner.name": "roth_distance", "model.head": "crt",
+        "model.head_params": {"prototypes": 4, "aux_prototypes": 3, "aux_dim": 6, "aux_metric_weight": 0.5,
+                              "consistency_weight": 0.0, "diversity_weight": 0.0},
+    },
 }
 
 EVAL = {  # odd split sizes: 11 test classes x 23 (253), train_eval 9 x 23 (207), val 2 x 23
@@ -79,6 +86,8 @@ EVAL = {  # odd split sizes: 11 test classes x 23 (253), train_eval 9 x 23 (207)
 }
 
 TRAINING_BN = {"model.freeze_bn": False}  # each rank normalises its slice; rank 0's running statistics
+
+CLOSED = {"data.split": "closed", "eval.protocol": "closed_set", "eval.recall_k": [1, 2, 4]}  # test queries train
 
 BAD = {
     "indivisible": {"batch.size": 15, "batch.samples_per_class": 3},
@@ -128,6 +137,7 @@ def _worker(rank: int, port: int, weights: str, out: str) -> None:
             # inside one: requests served by every rank, gathered to rank 0
             "served": t.dp.evaluate(t, lambda: {"test": t.embed(t.data.test)[0], "sub": t.embed(t.data.train_eval, SUBSET)[0]}),
         }
+        res["closed_eval"] = Trainer(cfg(weights, CLOSED), progress=False).build().evaluate()
         if rank == 0:  # one rank alone, no collective: must not hang
             with t.dp.local_embedding():
                 res["eval"]["local_rank0"] = t.embed(t.data.test)[0]
@@ -268,6 +278,15 @@ def test_distributed_evaluation_equals_single_process(ranks, weights):
         assert (e["served"]["test"] - ref_test).abs().max() < 1e-6
         assert (e["served"]["sub"] - ref_sub).abs().max() < 1e-6
     assert (e0["local_rank0"] - ref_test).abs().max() < 1e-6 and "local_rank0" not in e1
+
+
+def test_distributed_closed_set_evaluation_equals_single_process(ranks, weights):
+    single = Trainer(cfg(weights, CLOSED), progress=False).build().evaluate()
+    m0, m1 = ranks[0]["closed_eval"], ranks[1]["closed_eval"]
+    assert m0 == m1
+    keys = {k for k in single if not k.startswith("time/")}
+    assert "test/recall_at_4" in keys and keys == {k for k in m0 if not k.startswith("time/")}
+    assert max(abs(m0[k] - single[k]) for k in keys) < 1e-6
 
 
 def test_bad_world_size_input_is_one_line_on_every_rank(ranks):
