@@ -68,6 +68,10 @@ UMAP_MAX_POINTS = 5000
 TILE = 56
 """Retrieval grid tile size in pixels (border included)."""
 BORDER = 4
+MARGIN, GAP, CAPTION, HEAD = 8, 10, 14, 18
+"""Retrieval grid layout: left margin, gap after the query column, caption band under a
+tile, section title band (a tile of query row r, column j starts at x = MARGIN + TILE +
+GAP + j * TILE and, in the first section, y = HEAD + r * (TILE + CAPTION))."""
 COLOURS = {"query": (31, 119, 180), "correct": (44, 160, 44), "wrong": (214, 39, 40)}
 
 ImageFn = Callable[[int], "np.ndarray | None"]
@@ -219,9 +223,9 @@ def retrieval_grid(inputs: PictureInputs, out_dir: Path, k: int = TOP_K) -> list
     t = retrieval_table(inputs, k)
     q, g = inputs.test, inputs.gallery or inputs.test
     kk = t["neighbours"].shape[1]
-    cap, gap, head = 14, 10, 18
+    cap, gap, head = CAPTION, GAP, HEAD
     row_h = TILE + cap
-    width = 8 + TILE + gap + kk * TILE + 8
+    width = MARGIN + TILE + gap + kk * TILE + MARGIN
     n_rows = len(t["queries"])
     height = 2 * head + n_rows * row_h + 8
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -231,12 +235,12 @@ def retrieval_grid(inputs: PictureInputs, out_dir: Path, k: int = TOP_K) -> list
     for r, qi in enumerate(t["queries"]):
         if r == 0 or r == t["n_worst"]:
             title = (f"worst queries (fewest correct of the top {kk})" if r == 0 else "random queries")
-            draw.text((8, y + 3), title, fill=(0, 0, 0), font=font(12))
+            draw.text((MARGIN, y + 3), title, fill=(0, 0, 0), font=font(12))
             y += head
         qname = q.name(int(q.labels[qi]))
-        canvas.paste(_tile(_safe_image(q, qi), qname, COLOURS["query"]), (8, y))
-        draw.text((8, y + TILE), qname[:10], fill=(0, 0, 0), font=small)
-        x = 8 + TILE + gap
+        canvas.paste(_tile(_safe_image(q, qi), qname, COLOURS["query"]), (MARGIN, y))
+        draw.text((MARGIN, y + TILE), qname[:10], fill=(0, 0, 0), font=small)
+        x = MARGIN + TILE + gap
         for j in range(kk):
             gi = int(t["neighbours"][r, j])
             gname = g.name(int(g.labels[gi]))
