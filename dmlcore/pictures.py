@@ -56,13 +56,13 @@ log = logging.getLogger(__name__)
 
 TOP_K = 8
 """Neighbours per query in the retrieval grid."""
-N_WORST = 6
-N_RANDOM = 6
+N_WORST = 5
+N_RANDOM = 5
 MAX_CANDIDATE_QUERIES = 2000
 """The worst queries are the worst of at most this many (seeded) queries, each searched in the whole gallery."""
 MAX_MAP_POINTS = 3000
-MAX_HTML_POINTS = 600
-MAX_PAIR_ROWS = 1000
+MAX_HTML_POINTS = 500
+MAX_PAIR_ROWS = 600
 """Similarity histograms: all pairs among at most this many (seeded) test samples."""
 UMAP_MAX_POINTS = 5000
 TILE = 56
@@ -87,6 +87,18 @@ class Split:
     """``H x W x 3`` uint8 image of sample ``i`` (None: a placeholder tile)."""
     name: Callable[[int], str] = str
     """Class name of a label."""
+    batch: Callable[[np.ndarray], Sequence["np.ndarray | None"]] | None = None
+    """Images of many samples at once (one bulk read); default: :attr:`image` one by one."""
+
+    def images(self, idx: Sequence[int]) -> list[np.ndarray | None]:
+        """``H x W x 3`` uint8 images of samples ``idx`` (None where one cannot be read)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.batch is not None and len(idx):
+            try:
+                return list(self.batch(idx))
+            except Exception:  # e.g. an unreadable file in the batch: one by one below
+                pass
+        return [_safe_image(self, int(i)) for i in idx]
 
 
 @dataclass
@@ -115,6 +127,8 @@ class Rendered:
     skipped: dict[str, str] = field(default_factory=dict)
     """picture name -> why it was not drawn (no such data in this run)."""
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    """picture name -> seconds it took."""
 
 
 class Skip(Exception):
@@ -139,13 +153,11 @@ def top_neighbours(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int, dista
     D, I = knn(query_emb, k_eff + extra, gallery=gallery_emb, distance=distance, exclude_self=False)
     if query_index is None:
         return I, D
-    keep_I = np.empty((len(I), k_eff), dtype=np.int64)
-    keep_D = np.empty((len(I), k_eff), dtype=D.dtype)
-    for r in range(len(I)):
-        own = I[r] == query_index[r]
-        cols = np.flatnonzero(~own)[:k_eff] if own.any() else np.arange(k_eff)
-        keep_I[r], keep_D[r] = I[r, cols], D[r, cols]
-    return keep_I, keep_D
+    # drop the query's own row (or the last candidate when it is not among them), keep the order
+    own = I == np.asarray(query_index)[:, None]
+    own[~own.any(axis=1), -1] = True
+    keep = ~own
+    return I[keep].reshape(len(I), k_eff), D[keep].reshape(len(I), k_eff)
 
 
 def neighbour_marks(query_labels: np.ndarray, neighbour_idx: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
@@ -186,25 +198,32 @@ def retrieval_table(inputs: PictureInputs, k: int = TOP_K, n_worst: int = N_WORS
             "n_worst": len(worst)}
 
 
-def _tile(img: np.ndarray | None, label: str, colour: tuple[int, int, int] | None, size: int = TILE):
-    from PIL import Image, ImageDraw
+def _fit(img: np.ndarray, size: int) -> np.ndarray:
+    """``img`` (``H x W``, ``H x W x 1`` or ``x 3``) as a ``size x size x 3`` uint8 tile:
+    a proper downscale for large images, then nearest-neighbour by indexing (fast, crisp
+    pixels for small images)."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    a = a[:, :, :3].astype(np.uint8, copy=False)
+    if max(a.shape[:2]) > 2 * size:
+        from PIL import Image
 
-    inner = size - 2 * BORDER
-    if img is None:
-        t = Image.new("RGB", (inner, inner), (200, 200, 200))
-        ImageDraw.Draw(t).text((3, inner // 2 - 6), label[:9], fill=(40, 40, 40), font=font(10))
-    else:
-        a = np.asarray(img)
-        if a.ndim == 2:
-            a = np.repeat(a[:, :, None], 3, axis=2)
-        if a.shape[2] == 1:
-            a = np.repeat(a, 3, axis=2)
-        t = Image.fromarray(np.ascontiguousarray(a[:, :, :3]).astype(np.uint8))
-        up = max(t.size) * 2 <= inner  # small images (digits, glyphs): crisp pixels
-        t = t.resize((inner, inner), Image.NEAREST if up else Image.BILINEAR)
-    out = Image.new("RGB", (size, size), colour or (255, 255, 255))
-    out.paste(t, (BORDER, BORDER))
-    return out
+        t = Image.fromarray(np.ascontiguousarray(a))
+        t.thumbnail((2 * size, 2 * size))
+        a = np.asarray(t)
+    h, w = a.shape[:2]
+    return a[(np.arange(size) * h // size)[:, None], (np.arange(size) * w // size)[None, :]]
+
+
+def _place(canvas: np.ndarray, img: np.ndarray | None, x: int, y: int, colour: tuple[int, int, int]) -> bool:
+    """A bordered tile at ``(x, y)``; False when there is no image (a grey placeholder)."""
+    canvas[y:y + TILE, x:x + TILE] = colour
+    inner = TILE - 2 * BORDER
+    canvas[y + BORDER:y + TILE - BORDER, x + BORDER:x + TILE - BORDER] = (200, 200, 200) if img is None else _fit(img, inner)
+    return img is not None
 
 
 def _safe_image(split: Split, i: int) -> np.ndarray | None:
@@ -214,43 +233,49 @@ def _safe_image(split: Split, i: int) -> np.ndarray | None:
         return None
 
 
-def retrieval_grid(inputs: PictureInputs, out_dir: Path, k: int = TOP_K) -> list[Path]:
+def retrieval_grid(inputs: PictureInputs, out_dir: Path, k: int = TOP_K, n_worst: int = N_WORST,
+                   n_random: int = N_RANDOM) -> list[Path]:
     """``retrieval_grid.png`` (module docstring)."""
     from PIL import Image, ImageDraw
 
     if inputs.test is None:
         raise Skip("no test embeddings")
-    t = retrieval_table(inputs, k)
+    t = retrieval_table(inputs, k, n_worst, n_random)
     q, g = inputs.test, inputs.gallery or inputs.test
     kk = t["neighbours"].shape[1]
-    cap, gap, head = CAPTION, GAP, HEAD
-    row_h = TILE + cap
-    width = MARGIN + TILE + gap + kk * TILE + MARGIN
+    row_h = TILE + CAPTION
+    width = MARGIN + TILE + GAP + kk * TILE + MARGIN
     n_rows = len(t["queries"])
-    height = 2 * head + n_rows * row_h + 8
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    small = font(10)
+    sections = 1 + (0 < t["n_worst"] < n_rows)
+    canvas = np.full((sections * HEAD + n_rows * row_h + 8, width, 3), 255, dtype=np.uint8)
+    q_imgs = q.images(t["queries"])
+    g_imgs = dict(zip(np.unique(t["neighbours"]).tolist(), g.images(np.unique(t["neighbours"]))))
+    texts: list[tuple[tuple[int, int], str, int]] = []  # drawn after the tiles
     y = 0
     for r, qi in enumerate(t["queries"]):
         if r == 0 or r == t["n_worst"]:
-            title = (f"worst queries (fewest correct of the top {kk})" if r == 0 else "random queries")
-            draw.text((MARGIN, y + 3), title, fill=(0, 0, 0), font=font(12))
-            y += head
+            title = f"worst queries (fewest correct of the top {kk})" if r < t["n_worst"] else "random queries"
+            texts.append(((MARGIN, y + 3), title, 12))
+            y += HEAD
         qname = q.name(int(q.labels[qi]))
-        canvas.paste(_tile(_safe_image(q, qi), qname, COLOURS["query"]), (MARGIN, y))
-        draw.text((MARGIN, y + TILE), qname[:10], fill=(0, 0, 0), font=small)
-        x = MARGIN + TILE + gap
+        if not _place(canvas, q_imgs[r], MARGIN, y, COLOURS["query"]):
+            texts.append(((MARGIN + BORDER + 2, y + TILE // 2 - 6), qname[:8], 10))
+        texts.append(((MARGIN, y + TILE), qname[:10], 10))
+        x = MARGIN + TILE + GAP
         for j in range(kk):
             gi = int(t["neighbours"][r, j])
             gname = g.name(int(g.labels[gi]))
-            ok = bool(t["correct"][r, j])
-            canvas.paste(_tile(_safe_image(g, gi), gname, COLOURS["correct" if ok else "wrong"]), (x, y))
-            draw.text((x, y + TILE), f"{gname[:4]} {t['distances'][r, j]:.2g}", fill=(0, 0, 0), font=small)
+            if not _place(canvas, g_imgs[gi], x, y, COLOURS["correct" if t["correct"][r, j] else "wrong"]):
+                texts.append(((x + BORDER + 2, y + TILE // 2 - 6), gname[:8], 10))
+            texts.append(((x, y + TILE), f"{gname[:4]} {t['distances'][r, j]:.2g}", 10))
             x += TILE
         y += row_h
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for xy, text, size in texts:
+        draw.text(xy, text, fill=(0, 0, 0), font=font(size))
     path = Path(out_dir) / "retrieval_grid.png"
-    canvas.save(path, format="PNG", compress_level=PNG_LEVEL)
+    image.save(path, format="PNG", compress_level=PNG_LEVEL)
     return [path]
 
 
@@ -258,12 +283,15 @@ def retrieval_grid(inputs: PictureInputs, out_dir: Path, k: int = TOP_K) -> list
 def spectrum_chart(train_emb: np.ndarray, rho_m: int = 2) -> Canvas:
     """Left: the singular values of the train embeddings; right: the normalised spectrum
     ``s`` rho compares with the uniform ``U`` (the first ``|rho_m| - 1`` values dropped)."""
-    from .metrics.embedding_space import rho_spectrum, singular_values, spectrum
+    from scipy.stats import entropy
 
-    sv = singular_values(train_emb)
+    from .metrics.embedding_space import singular_values
+
+    sv = singular_values(train_emb)  # one SVD; s and rho from it as dmlcore.metrics.embedding_space does
     m = abs(int(rho_m)) if rho_m else 1
-    s = spectrum(train_emb, m)
-    rho = rho_spectrum(train_emb, rho_m) if rho_m else float("nan")
+    s = sv[m - 1:] / sv[m - 1:].sum()
+    u = np.full(len(s), 1.0 / len(s))
+    rho = float(entropy(u, s) if rho_m > 0 else entropy(s, u)) if rho_m else float("nan")
     c = Canvas(760, 300, 1, 2, ylog=True, xinteger=True, xlabel="index (descending)")
     left, right = c.panels
     left.title = "singular values of the train embeddings"
@@ -286,7 +314,7 @@ def pair_similarities(emb: np.ndarray, labels: np.ndarray, distance: str, max_ro
     pairs ``i < j`` among at most ``max_rows`` seeded samples."""
     n = len(labels)
     rows = np.arange(n) if n <= max_rows else np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
-    x = np.asarray(emb, dtype=np.float64)[rows]
+    x = np.asarray(emb, dtype=np.float32)[rows]
     y = np.asarray(labels)[rows]
     if distance == "cosine":
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -355,8 +383,8 @@ def learning_curves_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
 def _pca(x: np.ndarray, seed: int, distance: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     x = x - x.mean(axis=0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    out = x @ vt[:2].T
+    _, vecs = np.linalg.eigh(x.T @ x)  # d x d: cheap for any n
+    out = x @ vecs[:, ::-1][:, :2]
     return out if out.shape[1] == 2 else np.column_stack([out, np.zeros(len(out))])
 
 
@@ -412,16 +440,12 @@ def sprite_sheet(images: Sequence[np.ndarray | None], size: int = THUMB) -> tupl
 
     cols = max(1, int(math.ceil(math.sqrt(max(len(images), 1)))))
     rows = max(1, int(math.ceil(len(images) / cols)))
-    sheet = Image.new("RGB", (cols * size, rows * size), (200, 200, 200))
+    grid = np.full((rows * size, cols * size, 3), 200, dtype=np.uint8)
     for i, img in enumerate(images):
-        if img is None:
-            continue
-        a = np.asarray(img)
-        if a.ndim == 3 and a.shape[2] == 1:
-            a = a[:, :, 0]
-        t = Image.fromarray(a.astype(np.uint8)).convert("RGB")
-        t = t.resize((size, size), Image.NEAREST if max(t.size) <= size else Image.BILINEAR)
-        sheet.paste(t, ((i % cols) * size, (i // cols) * size))
+        if img is not None:
+            r, c = divmod(i, cols)
+            grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = _fit(img, size)
+    sheet = Image.fromarray(grid)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), cols
@@ -481,7 +505,7 @@ def embedding_map_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
     title = f"test embeddings ({len(rows)} of {len(q.labels)}) by class, {method.upper()}, selected epoch {inputs.best_epoch}"
     classes = np.unique(labs)
     pos = np.searchsorted(classes, labs)
-    c = Canvas(620, 520, title=title)
+    c = Canvas(560, 470, title=title)
     p = c.panels[0]
     colours = [class_colour(int(i), len(classes)) for i in pos]
     p.dots(xy[:, 0], xy[:, 1], colours)
@@ -493,7 +517,7 @@ def embedding_map_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
         np.random.default_rng(inputs.seed + 1).choice(len(rows), MAX_HTML_POINTS, replace=False))
     sub = rows[h]
     page = embedding_map_html(
-        xy[h], [colours[i] for i in h], [q.name(int(cl)) for cl in labs[h]], [_safe_image(q, i) for i in sub],
+        xy[h], [colours[i] for i in h], [q.name(int(cl)) for cl in labs[h]], q.images(sub),
         sub.tolist(),
         title, f"{len(h)} points; hover a point for its image and class.",
     )
@@ -520,6 +544,7 @@ def render(inputs: PictureInputs, out_dir: str | Path, names: Sequence[str] | No
     res = Rendered()
     t0 = time.perf_counter()
     for name in names or list(PICTURES):
+        t1 = time.perf_counter()
         try:
             res.files += PICTURES[name](inputs, out)
         except Skip as why:
@@ -527,14 +552,34 @@ def render(inputs: PictureInputs, out_dir: str | Path, names: Sequence[str] | No
         except Exception as err:  # a picture never fails the run
             res.failed[name] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             log.warning("picture %s failed and is left out: %s", name, res.failed[name])
+        res.timings[name] = time.perf_counter() - t1
     res.seconds = time.perf_counter() - t0
     return res
 
 
+def _hwc(x: Any) -> np.ndarray:
+    return np.asarray(x.permute(1, 2, 0).cpu().numpy()) if hasattr(x, "permute") else np.asarray(x)
+
+
+def _batch_fn(ds: Any) -> Callable[[np.ndarray], list[np.ndarray]] | None:
+    """One bulk read (in-memory tensor, decoded cache) when the split can gather."""
+    if not getattr(ds, "can_gather", False):
+        return None
+
+    def batch(idx: np.ndarray) -> list[np.ndarray]:
+        import torch
+
+        b = ds.gather(idx)
+        if isinstance(b, torch.Tensor):
+            return list(b.permute(0, 2, 3, 1).cpu().numpy())
+        return [_hwc(b[k]) for k in range(len(idx))]  # an ImageBatch: images of different sizes
+
+    return batch
+
+
 def _image_fn(ds: Any) -> ImageFn:
     def image(i: int) -> np.ndarray | None:
-        x = ds.get_uint8(int(i))
-        return np.asarray(x.permute(1, 2, 0).cpu().numpy()) if hasattr(x, "permute") else np.asarray(x)
+        return _hwc(ds.get_uint8(int(i)))
 
     return image if hasattr(ds, "get_uint8") else (lambda i: None)
 
@@ -565,7 +610,8 @@ def from_trainer(trainer: Any, result: Any) -> PictureInputs:
             return None
         emb, labels = held[key]
         emb = emb.numpy() if hasattr(emb, "numpy") else np.asarray(emb)
-        return Split(np.asarray(emb, dtype=np.float32), np.asarray(labels), _image_fn(ds), _name_fn(ds, source))
+        return Split(np.asarray(emb, dtype=np.float32), np.asarray(labels), _image_fn(ds), _name_fn(ds, source),
+                     _batch_fn(ds))
 
     ev = cfg.eval
     return PictureInputs(

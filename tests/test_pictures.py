@@ -62,7 +62,7 @@ def test_retrieval_neighbours_and_marks_on_a_hand_made_embedding():
 
 def test_retrieval_grid_borders_are_green_for_the_same_class_and_red_otherwise(tmp_path):
     emb, labels = _hand_made()
-    (path,) = pictures.retrieval_grid(_inputs(emb, labels), tmp_path, k=3)
+    (path,) = pictures.retrieval_grid(_inputs(emb, labels), tmp_path, k=3, n_worst=6, n_random=0)
     img = np.asarray(Image.open(path).convert("RGB"))
     T, P = pictures.TILE, pictures
     for r, q in enumerate(WORST_ORDER):  # all six queries are in the "worst" section
@@ -71,6 +71,12 @@ def test_retrieval_grid_borders_are_green_for_the_same_class_and_red_otherwise(t
         for j, ok in enumerate(CORRECT[q]):
             x = P.MARGIN + T + P.GAP + j * T + 1
             assert tuple(img[y, x]) == P.COLOURS["correct" if ok else "wrong"], (r, j)
+    # a split that cannot return its images: grey placeholder tiles (with the class name), same marks
+    (path,) = pictures.retrieval_grid(PictureInputs(test=Split(emb, labels)), tmp_path, k=3, n_worst=6, n_random=0)
+    img = np.asarray(Image.open(path).convert("RGB"))
+    y = P.HEAD + 1
+    assert tuple(img[y, P.MARGIN + 1]) == P.COLOURS["query"]
+    assert tuple(img[y + P.BORDER, P.MARGIN + P.BORDER]) == (200, 200, 200)
 
 
 def test_a_gallery_of_another_split_keeps_the_query_itself():
@@ -139,7 +145,7 @@ def test_trainer_keeps_the_selected_epochs_embeddings():
     from dmlcore.config import RunConfig
     from dmlcore.train import Trainer
 
-    base = {**TINY_BASE, "eval": {**TINY_BASE["eval"], "embedding_metrics": True}}
+    base = {**TINY_BASE, "eval": {**TINY_BASE["eval"], "embedding_metrics": True, "pictures": True}}
     trainer = Trainer(RunConfig.model_validate({**base, "eval": {**base["eval"], "select_on": "test"}}), progress=False)
     result = trainer.fit()
     emb, labels = trainer.best_embeddings["test"]
@@ -164,7 +170,7 @@ def test_log_pictures_failure_is_a_warning_and_the_run_finishes(mlflow_uri, monk
     from sweeper import tracking
     from sweeper.pictures import TAG_FAILED, log_pictures
 
-    cfg = RunConfig.model_validate(TINY_BASE)
+    cfg = RunConfig.model_validate({**TINY_BASE, "eval": {**TINY_BASE["eval"], "pictures": True}})
     tracker = tracking.Tracker(mlflow_uri)
     logger, _ = tracking.open_run(tracker, tracker.experiment_id("p"), "p", cfg, {})
 
@@ -216,7 +222,7 @@ def test_trials_log_pictures_or_none_and_a_failing_picture_never_fails_a_trial(
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(pkg.parent))
-    base = {**TINY_BASE, "eval": {**TINY_BASE["eval"], "embedding_metrics": True}}
+    base = {**TINY_BASE, "eval": {**TINY_BASE["eval"], "embedding_metrics": True, "pictures": True}}
     path = write_study(tmp_path, "pics", base=base, plugins=["broken_pictures"], max_concurrent=2,
                        axes={"eval.pictures": [True, False]})
     outcome = run_study(load_study(path), storage=tmp_path / "runs", tracking_uri=mlflow_uri,
