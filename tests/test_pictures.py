@@ -118,7 +118,7 @@ def test_every_picture_is_drawn_and_a_failing_one_is_one_warning(tmp_path, monke
             im = Image.open(p)
             assert im.width > 100 and np.asarray(im.convert("L")).std() > 5, p  # not blank
     page = (tmp_path / "all" / "embedding_map.html").read_text()
-    assert page.count("rgb(") == 40 and "data:image/png;base64," in page and "class class3" not in page
+    assert page.count("rgb(") == 40 and "data:image/jpeg;base64," in page and "class class3" not in page
 
     def broken(inputs, out):
         raise ValueError("no figure today")
