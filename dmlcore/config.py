@@ -230,6 +230,9 @@ class EvalConfig(_Section):
     """Also evaluate the untrained model (epoch 0)."""
     few_shot: FewShotConfig | None = None
     """After training, few-shot episodes on the test classes (``fewshot/{k}shot/...`` metrics)."""
+    pictures: bool = True
+    """Pictures of the selected epoch (retrieval grid, embedding map, spectrum, similarity
+    histograms, learning curves; :mod:`dmlcore.pictures`), logged as artifacts of the run."""
 
     @field_validator("recall_k")
     @classmethod

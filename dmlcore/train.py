@@ -197,6 +197,10 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.dp: distributed.DataParallel | None = None
         self._built = False
+        self.best_embeddings: dict[str, tuple[torch.Tensor, np.ndarray]] | None = None
+        """Embeddings of the selected evaluation (``eval.pictures``): ``test`` (and ``gallery``
+        for closed_set, ``train`` with embedding metrics) -> (embeddings, labels); None when the
+        selected epoch came before a resume point (:mod:`dmlcore.pictures` then skips them)."""
 
     # ---- construction -----------------------------------------------------------
     def build(self) -> "Trainer":
@@ -462,6 +466,7 @@ class Trainer:
         ev = self.cfg.eval
         out: dict[str, float] = {}
         t0 = time.perf_counter()
+        held: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # for the pictures (eval.pictures)
         splits = [("test", self.data.test)] + ([("val", self.data.val)] if self.data.val is not None else [])
         if ev.protocol == "closed_set":  # the test images query every train image
             from .metrics import closed_set_metrics
@@ -472,6 +477,7 @@ class Trainer:
                                          clustering=ev.clustering, seed=self.cfg.train.seed)
             out.update({f"test/{k}": float(v) for k, v in metrics.items()})
             splits = []
+            held.update(test=(q, ql), gallery=(r, rl))
         for prefix, ds in splits:
             emb, labels = self.embed(ds)
             metrics = evaluate_embeddings(
@@ -479,6 +485,8 @@ class Trainer:
                 seed=self.cfg.train.seed,
             )
             out.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()})
+            if prefix == "test":
+                held["test"] = (emb, labels)
         if ev.embedding_metrics:
             from .metrics.subsample import class_subset
 
@@ -492,6 +500,8 @@ class Trainer:
                 emb, labels, rho_m=ev.rho_m, rho_at=RHO_AT, uniformity_rows=UNIFORMITY_ROWS, seed=self.cfg.train.seed
             )
             out.update({f"train/{k}": float(v) for k, v in metrics.items()})
+            held["train"] = (emb, labels)
+        self._eval_embeddings = held if ev.pictures else None
         if "fid" in self.data.info:  # an ooDML split: its train/test shift
             out["data/fid"] = float(self.data.info["fid"])
             out["data/fid_published"] = 1.0 if self.data.info.get("published") else 0.0
@@ -540,6 +550,7 @@ class Trainer:
                         )
                     if key is None or not best or ev[key] > best.get(key, -math.inf):
                         best, best_epoch = dict(ev), epoch
+                        self.best_embeddings = self._eval_embeddings  # the pictures' (eval.pictures)
                         if cfg.eval.few_shot is not None:  # few-shot adapts the selected checkpoint
                             self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
                 if self.dp is not None:  # rank 0's numbers (its times) on every rank

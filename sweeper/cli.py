@@ -417,7 +417,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tracking import recording
 
     with recording(logger, killed=(KeyboardInterrupt,)):
-        result = Trainer(cfg, reporter=reporter, progress=True).fit(resume=args.resume)
+        trainer = Trainer(cfg, reporter=reporter, progress=True)
+        result = trainer.fit(resume=args.resume)
+        from .pictures import log_pictures
+
+        log_pictures(trainer, result, logger)  # never raises (eval.pictures: false: nothing)
     console.print(result_table(result))
     if args.json:
         import json

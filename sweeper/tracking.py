@@ -436,6 +436,10 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Every file of ``local_dir`` in one call (one run look-up, not one per file)."""
+        _retry(lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
+
 
 # ----------------------------------------------------------------------------- one run
 class RunLogger:

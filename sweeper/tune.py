@@ -228,7 +228,11 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     ):
         from dmlcore.train import Trainer
 
-        Trainer(cfg, reporter=reporter, progress=False).fit(resume=resume)
+        trainer = Trainer(cfg, reporter=reporter, progress=False)
+        result = trainer.fit(resume=resume)
+        from .pictures import log_pictures
+
+        log_pictures(trainer, result, logger)  # never raises (eval.pictures: false: nothing)
 
 
 class _FlatOnly:

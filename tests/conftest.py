@@ -18,7 +18,8 @@ TINY_BASE: dict[str, Any] = {
     "batch": {"size": 32, "samples_per_class": 8, "iterations_per_epoch": 3},
     "optim": {"lr": 1.0e-3},
     "train": {"epochs": 2, "device": "cpu"},
-    "eval": {"recall_k": [1, 2], "clustering": False, "embedding_metrics": False},
+    "eval": {"recall_k": [1, 2], "clustering": False, "embedding_metrics": False,
+             "pictures": False},  # on in tests/test_pictures.py (and the docs' runs); off here keeps the suite's time
 }
 
 

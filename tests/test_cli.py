@@ -82,6 +82,8 @@ def test_train_logs_one_mlflow_run(tmp_path, mlflow_uri, capsys):
     assert run.info.status == "FINISHED" and run.data.tags["role"] == "train"
     assert run.data.params["model.embed_dim"] == "16" and run.data.params["loss.name"] == "margin"
     assert sorted(m.step for m in t.client.get_metric_history(run.info.run_id, "test/recall_at_1")) == [1, 2]
+    pictures = {f.path for f in t.client.list_artifacts(run.info.run_id, "pictures")}  # eval.pictures: on by default
+    assert {"pictures/retrieval_grid.png", "pictures/learning_curves.png", "pictures/embedding_map.html"} <= pictures
 
 
 def test_list_and_keys(capsys):
