@@ -20,7 +20,7 @@ import pandas as pd
 # The functions are imported under other names so that ``sweeper.analysis.aggregate`` etc.
 # stay the submodules.
 from .aggregate import aggregate as _aggregate
-from .base import AnalysisResult, did_you_mean
+from .base import AnalysisResult, did_you_mean, instance_key
 from .correlation import correlation as _correlation
 from .factors import factors as _factors
 from .report import report as _report
@@ -116,8 +116,12 @@ def run_analyses(
     results: dict[str, AnalysisResult] = {}
     errors: dict[str, str] = {}
     files: list[Path] = []
+    seen: dict[str, int] = {}
     for name, opts in specs:
         fn = REGISTRY[name]
+        # every instance of an analysis the study runs twice is kept (and reported): name, name#2, ...
+        seen[name] = seen.get(name, 0) + 1
+        key = instance_key(name, seen[name])
         kwargs: dict[str, Any] = dict(study_name=study_name, console=console, **opts)
         if name == "report":
             kwargs.update(results=results, errors=errors)
@@ -126,11 +130,11 @@ def run_analyses(
         except Exception as err:
             if strict:
                 raise
-            errors[name] = f"{type(err).__name__}: {err}"
+            errors[key] = f"{type(err).__name__}: {err}"
             if console is not None:
-                console.print(f"[red]analysis '{name}' failed: {errors[name]}[/]")
+                console.print(f"[red]analysis '{key}' failed: {errors[key]}[/]")
             continue
-        results[name] = res
+        results[key] = res
         files += [f for f in res.files if f not in files]
     return files
 
