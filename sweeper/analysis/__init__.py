@@ -109,6 +109,11 @@ def run_analyses(
     anything runs.
     """
     specs = validate_analyses(analyses)
+    if "search" in REGISTRY and not any(n == "search" for n, _ in specs) and specs:
+        from .search import is_search
+
+        if is_search(runs):  # a search's history and importances, whichever analyses the study lists
+            specs.append(("search", {}))
     specs = [s for s in specs if s[0] != "report"] + [s for s in specs if s[0] == "report"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +146,7 @@ def run_analyses(
 
 # Analyses in their own modules register themselves with ``@register`` when imported.
 from . import vs_fid  # noqa: E402,F401  (performance vs the ooDML split's FID)
+from . import search as _search_module  # noqa: E402,F401  (a search's history and importances)
 
 __all__ = [
     "REGISTRY",
