@@ -2,7 +2,7 @@
 
 * History: the finished trials in start order, the objective of each and the best so far
   (``search_history.png``, ``search.csv``).
-* Importances: Optuna's default evaluator (PED-ANOVA, ``optuna.importance.get_param_importances``;
+* Importances: PED-ANOVA (``optuna.importance.PedAnovaImportanceEvaluator``, Optuna's default;
   no scikit-learn, no fANOVA forest) on an **in-memory** Optuna study rebuilt from the runs:
   one ``create_trial`` per finished run with its params and objective, the distributions from
   the search space the sweeper logged on the parent run (``search.<key>`` params), widened to
@@ -122,7 +122,8 @@ def importances(ok: pd.DataFrame, objective: str, params: Sequence[str], space: 
         study.add_trial(optuna.trial.create_trial(params={p: columns[p][i] for p in keep}, distributions=dists, value=float(v)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning and friends
-        return dict(optuna.importance.get_param_importances(study))
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()  # explicit: older Optuna defaulted to fANOVA
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
 
 
 def history_plot(path: Path, values: np.ndarray, best: np.ndarray, label: str, maximize: bool) -> Path:
