@@ -22,11 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 R1 = "best/test/recall_at_1"
 
 
-def _execution(uri: str) -> tuple[str, list[str]]:
-    """A parent run with 6 finished children: 2 losses x 3 seeds."""
+def _execution(uri: str, search: bool = False) -> tuple[str, list[str]]:
+    """A parent run with 6 finished children: 2 losses x 3 seeds (``search``: with the params
+    the sweeper logs on a search's parent run)."""
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("seeded")
     pid = client.create_run(exp, tags={"study": "seeded"}).info.run_id
+    if search:
+        client.log_batch(pid, params=[Param("study.metric", "test/recall_at_1"), Param("study.mode", "max"),
+                                      Param("search.samples", "6"),
+                                      Param("search.loss.name", '{"type": "categorical", "values": ["margin", "triplet"]}')])
     kids = []
     for i, (loss, seed) in enumerate((l, s) for l in ("margin", "triplet") for s in range(3)):
         rid = client.create_run(exp, tags={"mlflow.parentRunId": pid, "study": "seeded", "trial_id": f"{i:05d}"}).info.run_id
@@ -105,3 +110,15 @@ def test_a_study_running_an_analysis_twice_reports_both_instances(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| train ")]
     assert len(rows) == 12 + 2
     assert md.index("(`correlation`)") < md.index("(`correlation_runs`)")  # in the study's order
+
+
+def test_analyze_of_a_search_execution_adds_history_and_importances(mlflow_uri, tmp_path):
+    pid, _ = _execution(mlflow_uri, search=True)
+    assert main(["analyze", pid, "--tracking-uri", mlflow_uri, "--out", str(tmp_path / "an")]) == 0
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    (folder,) = _artifacts(client, pid, "analysis")
+    logged = set(_artifacts(client, pid, f"analysis/{folder}"))
+    assert {"search.csv", "search_history.png", "search_importance.png"} <= logged
+    hist = pd.read_csv(tmp_path / "an" / "search.csv")
+    assert hist["best_so_far"].iloc[-1] == pytest.approx(0.67)  # margin, seed 2: 0.6 + 0.05 + 0.02
+    assert "## Search: optimisation history" in (tmp_path / "an" / "report.md").read_text()

@@ -120,6 +120,8 @@ def test_report_and_mlflow_run_pages_in_chromium(browser, ray_session, tmp_path,
     from sweeper.tune import run_study
 
     SHOTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    phase = lambda what: print(f"[browser test] {what}: {time.time() - t0:.1f} s", flush=True)  # noqa: E731 (shown on failure, or with -s)
     monkeypatch.chdir(tmp_path)  # MLflow's artifact root (./mlartifacts) lands in tmp_path
     # the UI first: it starts while the study trains (`sweeper ui`, one worker to start fast)
     port = _free_port()
@@ -134,6 +136,7 @@ def test_report_and_mlflow_run_pages_in_chromium(browser, ray_session, tmp_path,
         outcome = run_study(study, storage=tmp_path / "runs", tracking_uri=mlflow_uri,
                             console=Console(file=out, width=200), live=False)
         assert [t.status for t in outcome.trials] == ["done", "done"], out.getvalue()
+        phase("study done")
         report = outcome.exec_dir / "analysis" / "report.html"
         assert report.is_file(), out.getvalue()
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -145,10 +148,12 @@ def test_report_and_mlflow_run_pages_in_chromium(browser, ray_session, tmp_path,
         assert "R@1" in headers and "vs best (R@1)" in headers, headers
         assert _check_images(page, "report.html", at_least=1) >= 1
         page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
+        phase("report checked")
 
         # the MLflow UI: parent run page, its PNG artifact in the viewer, one child run page
         base = f"http://127.0.0.1:{port}"
         _wait_http(f"{base}/health", ui, log, timeout=180)
+        phase("MLflow UI answers")
         exp, parent = outcome.experiment_id, outcome.parent_run_id
         from mlflow.tracking import MlflowClient
 
@@ -166,6 +171,7 @@ def test_report_and_mlflow_run_pages_in_chromium(browser, ray_session, tmp_path,
                                timeout=30_000)
         assert _check_images(page, "artifact viewer", at_least=1) >= 1
         page.screenshot(path=str(SHOTS / "mlflow_parent_artifact_png.png"), full_page=True)
+        phase("parent run pages checked")
 
         child = next(t for t in outcome.trials if t.run_id)
         child_run = MlflowClient(mlflow_uri).get_run(child.run_id)
@@ -178,6 +184,7 @@ def test_report_and_mlflow_run_pages_in_chromium(browser, ray_session, tmp_path,
         _check_images(page, "child run page", at_least=0)
         page.screenshot(path=str(SHOTS / "mlflow_child_run.png"), full_page=True)
         page.close()
+        phase("child run page checked")
     finally:
         if ui.poll() is None:
             os.killpg(ui.pid, signal.SIGTERM)  # the UI and its uvicorn worker: its own process group
