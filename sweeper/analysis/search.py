@@ -19,7 +19,6 @@ from the parent run's params (``runs.attrs["parent_params"]``) unless given as o
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
