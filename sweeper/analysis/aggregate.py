@@ -280,7 +280,8 @@ def aggregate(
                   for r in df[keys].itertuples(index=False)] if keys else ["all runs"] * len(df)
         png = seedstats.seeds_plot(out_dir / f"{filename}_seeds.png", labels, df.attrs["seed_values"],
                                    list(zip(df[f"{compare_on}:ci_low"], df[f"{compare_on}:ci_high"])),
-                                   list(df["vs_best"]), pretty_metric(compare_on))
+                                   list(df["vs_best"]), pretty_metric(compare_on),
+                                   lower=compare_on in {strip_prefix(m) for m in lower_is_better})
         files.append(png)
         blocks.append(Image(png, f"{pretty_metric(compare_on)} per configuration, each seed a dot"))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,15 +38,21 @@ FEW = "too few paired seeds"
 NONE = "no value"
 
 
+@lru_cache(maxsize=256)
+def _t_quantile(q: float, df: int) -> float:
+    """Student's t quantile (cached: one per level and number of seeds, not per group and metric)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(q, df))
+
+
 def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
     """``(low, high)`` of the ``level`` Student-t interval of the mean; NaNs for fewer than 2 values."""
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], float)
     n = len(x)
     if n < 2:
         return math.nan, math.nan
-    from scipy import stats
-
-    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
+    half = _t_quantile((1 + level) / 2, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
     m = float(x.mean())
     return m - half, m + half
 
@@ -119,35 +126,43 @@ def vs_best(groups: Sequence[Mapping[Any, float]], means: Sequence[float], *, lo
 
 def seeds_plot(path: Path, labels: Sequence[str], values: Sequence[Mapping[Any, float]],
                intervals: Sequence[tuple[float, float]], marks: Sequence[str], metric: str,
-               max_rows: int = 100) -> Path:
-    """Strip plot: one row per configuration, each seed a dot (its seed written beside it), the mean
-    as a bar with its t-interval; the best row green, the indistinguishable ones blue, others grey."""
+               lower: bool = False, max_rows: int = 60) -> Path:
+    """Strip plot: one row per configuration, best mean at the top (the best ``max_rows``), each
+    seed a dot, the mean as a tick with its t-interval; the best row green, the indistinguishable
+    ones blue, others grey. One scatter and one errorbar call per colour."""
     from .base import new_figure
 
-    order = list(range(len(labels)))[:max_rows]
+    means = [float(np.mean(list(v.values()))) if len(v) else math.nan for v in values]
+    key = [(math.isnan(m), m if lower else -m) for m in means]
+    order = sorted(range(len(labels)), key=lambda i: key[i])[:max_rows]
     n = len(order)
     fig = new_figure(7.5, 0.32 * n + 1.4)
     ax = fig.subplots()
-    colour = {BEST: "C2", SAME: "C0"}
-    for row, i in enumerate(order):
-        y = n - 1 - row
-        c = colour.get(marks[i], "0.45")
-        seeds = list(values[i])
-        xs = np.asarray([values[i][s] for s in seeds], float)
-        if len(xs):
-            jitter = (np.arange(len(xs)) - (len(xs) - 1) / 2) * (0.5 / max(len(xs), 1))
-            ax.scatter(xs, y + jitter, s=18, color=c, zorder=3, edgecolor="white", linewidth=0.5)
-            mean = float(xs.mean())
+    styles = ((BEST, "C2", "best"), (SAME, "C0", "indistinguishable from best"), (None, "0.45", "other"))
+    for mark, colour, name in styles:
+        rows = [(n - 1 - r, i) for r, i in enumerate(order) if (marks[i] == mark if mark else marks[i] not in (BEST, SAME))]
+        xs, ys, mx, my, lo_err, hi_err = [], [], [], [], [], []
+        for y, i in rows:
+            v = np.asarray(list(values[i].values()), float)
+            if not len(v):
+                continue
+            xs += list(v)
+            ys += list(y + (np.arange(len(v)) - (len(v) - 1) / 2) * (0.5 / len(v)))
+            mean = float(v.mean())
             lo, hi = intervals[i]
-            if math.isfinite(lo):
-                ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="|", color=c, ms=14, capsize=3, lw=1.2, zorder=2)
-            else:
-                ax.plot([mean], [y], "|", color=c, ms=14)
+            mx.append(mean)
+            my.append(y)
+            lo_err.append(mean - lo if math.isfinite(lo) else 0.0)
+            hi_err.append(hi - mean if math.isfinite(hi) else 0.0)
+        ax.scatter(xs, ys, s=18, color=colour, zorder=3, edgecolor="white", linewidth=0.5, label=name)
+        if mx:
+            ax.errorbar(mx, my, xerr=[lo_err, hi_err], fmt="|", color=colour, ms=14, capsize=3, lw=1.2, zorder=2)
     ax.set_yticks(range(n), [labels[i] for i in order][::-1], fontsize=7)
     ax.set_xlabel(f"{metric} (dots: seeds; bar: mean and 95% t-interval)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     ax.set_ylim(-0.7, n - 0.3)
-    handles = [ax.scatter([], [], color=c, s=18, label=lab) for lab, c in (("best", "C2"), ("indistinguishable from best", "C0"), ("other", "0.45"))]
-    ax.legend(handles=handles, fontsize=7, loc="lower right" if n > 2 else "best", framealpha=0.8)
+    ax.legend(fontsize=7, loc="lower right" if n > 2 else "best", framealpha=0.8)
+    if len(labels) > n:
+        ax.set_title(f"the best {n} of {len(labels)} configurations (all in the CSV)", fontsize=8)
     fig.savefig(path, dpi=110)
     return path
