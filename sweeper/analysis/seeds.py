@@ -161,7 +161,7 @@ def seeds_plot(path: Path, labels: Sequence[str], values: Sequence[Mapping[Any, 
     ax.set_xlabel(f"{metric} (dots: seeds; bar: mean and 95% t-interval)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     ax.set_ylim(-0.7, n - 0.3)
-    ax.legend(fontsize=7, loc="lower right" if n > 2 else "best", framealpha=0.8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, never over the dots
     if len(labels) > n:
         ax.set_title(f"the best {n} of {len(labels)} configurations (all in the CSV)", fontsize=8)
     fig.savefig(path, dpi=110)
