@@ -494,6 +494,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     files = call_run_analyses(mod.run_analyses, study, str(name), analyses, runs, out, console)
     for f in files:
         console.print(f"wrote {f}", soft_wrap=True)
+    parent = runs.attrs.get("parent_run_id")
+    if parent and files:  # its own folder per call: analysis/<UTC time>/ (sweeper/analysis/artifacts.py)
+        from .analysis.artifacts import log_to_parent
+
+        try:
+            dest = log_to_parent(uri, parent, files, out)
+            console.print(f"logged to parent run {parent}: {dest}/", soft_wrap=True, highlight=False)
+        except Exception as err:  # noqa: BLE001 - the files are written; say why they are not in MLflow
+            console.print(f"[yellow]could not log the analysis to parent run {parent}: {fail_line(err)}[/]", soft_wrap=True)
     return 0
 
 

@@ -285,7 +285,7 @@ def test_run_analyses_report(corr_runs, tmp_path):
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table>" in page and "<th>Pearson r</th>" in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 3 and all(base64.b64decode(i)[:8] == PNG for i in images)
+    assert len(images) == 4 and all(base64.b64decode(i)[:8] == PNG for i in images)  # seeds, scatter, bars, factors
     assert not re.search(r'src="(?!data:)', page)  # self-contained
     assert "RuntimeError: CUDA out of memory" in page
 

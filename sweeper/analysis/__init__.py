@@ -20,7 +20,7 @@ import pandas as pd
 # The functions are imported under other names so that ``sweeper.analysis.aggregate`` etc.
 # stay the submodules.
 from .aggregate import aggregate as _aggregate
-from .base import AnalysisResult, did_you_mean
+from .base import AnalysisResult, did_you_mean, instance_key
 from .correlation import correlation as _correlation
 from .factors import factors as _factors
 from .report import report as _report
@@ -109,6 +109,11 @@ def run_analyses(
     anything runs.
     """
     specs = validate_analyses(analyses)
+    if "search" in REGISTRY and not any(n == "search" for n, _ in specs) and specs:
+        from .search import is_search
+
+        if is_search(runs):  # a search's history and importances, whichever analyses the study lists
+            specs.append(("search", {}))
     specs = [s for s in specs if s[0] != "report"] + [s for s in specs if s[0] == "report"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,8 +121,12 @@ def run_analyses(
     results: dict[str, AnalysisResult] = {}
     errors: dict[str, str] = {}
     files: list[Path] = []
+    seen: dict[str, int] = {}
     for name, opts in specs:
         fn = REGISTRY[name]
+        # every instance of an analysis the study runs twice is kept (and reported): name, name#2, ...
+        seen[name] = seen.get(name, 0) + 1
+        key = instance_key(name, seen[name])
         kwargs: dict[str, Any] = dict(study_name=study_name, console=console, **opts)
         if name == "report":
             kwargs.update(results=results, errors=errors)
@@ -126,17 +135,18 @@ def run_analyses(
         except Exception as err:
             if strict:
                 raise
-            errors[name] = f"{type(err).__name__}: {err}"
+            errors[key] = f"{type(err).__name__}: {err}"
             if console is not None:
-                console.print(f"[red]analysis '{name}' failed: {errors[name]}[/]")
+                console.print(f"[red]analysis '{key}' failed: {errors[key]}[/]")
             continue
-        results[name] = res
+        results[key] = res
         files += [f for f in res.files if f not in files]
     return files
 
 
 # Analyses in their own modules register themselves with ``@register`` when imported.
 from . import vs_fid  # noqa: E402,F401  (performance vs the ooDML split's FID)
+from . import search as _search_module  # noqa: E402,F401  (a search's history and importances)
 
 __all__ = [
     "REGISTRY",

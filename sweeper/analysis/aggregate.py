@@ -15,16 +15,20 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from . import seeds as seedstats
 from .base import (
     SEED_KEY,
     AnalysisResult,
     Heading,
+    Image,
     Paragraph,
     Table,
     canon,
     check_params,
     default_test_metrics,
+    did_you_mean,
     fmt_num,
+    fmt_p,
     fmt_value,
     metric_col,
     param_col,
@@ -54,12 +58,22 @@ def aggregate_frame(
     *,
     seed_key: str = SEED_KEY,
     lower_is_better: Sequence[str] = (),
+    level: float = seedstats.LEVEL,
+    compare_on: str | None = None,
+    alpha: float = seedstats.ALPHA,
+    min_pairs: int = seedstats.MIN_PAIRS,
 ) -> pd.DataFrame:
     """The aggregate table as data.
 
     Columns: the ``group_by`` keys (original values), ``n`` (finished runs), ``n_failed``,
-    ``seeds``, then per metric ``<metric>:mean``, ``<metric>:std``, ``<metric>:n``, and
-    ``best_for`` (the metrics for which this group has the best mean, ``;``-joined).
+    ``seeds``, then per metric ``<metric>:mean``, ``<metric>:std``, ``<metric>:n``,
+    ``<metric>:ci_low``, ``<metric>:ci_high`` (the ``level`` Student-t interval of the mean,
+    :func:`~sweeper.analysis.seeds.t_interval`), and ``best_for`` (the metrics for which this
+    group has the best mean, ``;``-joined). With ``compare_on`` (a metric): ``vs_best``
+    (``best`` / ``indistinguishable`` / ``worse`` / ...), ``vs_best:p``, ``vs_best:n_pairs``,
+    ``vs_best:mean_diff`` of the paired t-test over seeds against the best group
+    (:func:`~sweeper.analysis.seeds.vs_best`); ``df.attrs["seed_values"]`` holds each
+    group's ``{seed: value}`` of that metric.
     """
     ok, failed = split_status(runs.reset_index(drop=True))
     ok_keys, failed_keys = group_keys(ok, group_by), group_keys(failed, group_by)
@@ -77,6 +91,7 @@ def aggregate_frame(
         n_failed[key] = n_failed.get(key, 0) + 1
 
     rows = []
+    seed_values: list[dict] = []
     for key in groups:
         row: dict[str, Any] = dict(zip(group_by, order[key]))
         sel = ok.loc[members.get(key, [])]
@@ -91,8 +106,15 @@ def aggregate_frame(
             row[f"{m}:mean"] = float(vals.mean()) if len(vals) else math.nan
             row[f"{m}:std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
             row[f"{m}:n"] = len(vals)
+            row[f"{m}:ci_low"], row[f"{m}:ci_high"] = seedstats.t_interval(vals, level)
+        if compare_on is not None:
+            col = metric_col(compare_on)
+            vals = pd.to_numeric(sel[col], errors="coerce").to_numpy(float) if col in sel.columns else np.array([])
+            seeds = list(sel[sc].map(canon)) if sc in sel.columns else [str(i) for i in range(len(sel))]
+            seed_values.append(seedstats.per_seed(vals, seeds))
         rows.append(row)
-    df = pd.DataFrame(rows, columns=[*group_by, "n", "n_failed", "seeds", *(f"{m}:{s}" for m in metrics for s in ("mean", "std", "n"))])
+    df = pd.DataFrame(rows, columns=[*group_by, "n", "n_failed", "seeds",
+                                     *(f"{m}:{s}" for m in metrics for s in ("mean", "std", "n", "ci_low", "ci_high"))])
 
     lower = {strip_prefix(m) for m in lower_is_better}
     best_for: list[list[str]] = [[] for _ in range(len(df))]
@@ -104,6 +126,13 @@ def aggregate_frame(
         for i in np.flatnonzero(means == target):
             best_for[i].append(m)
     df["best_for"] = [";".join(b) for b in best_for]
+    if compare_on is not None:
+        marks = seedstats.vs_best(seed_values, df[f"{compare_on}:mean"].to_numpy(float) if len(df) else [],
+                                  lower=strip_prefix(compare_on) in lower, alpha=alpha, min_pairs=min_pairs)
+        df["vs_best"] = [m["label"] for m in marks]
+        for k in ("p", "n_pairs", "mean_diff"):
+            df[f"vs_best:{k}"] = [m[k] for m in marks]
+        df.attrs["seed_values"] = seed_values
     return df
 
 
@@ -117,8 +146,23 @@ def _cell(mean: float, std: float, n: int, n_runs: int, precision: int) -> str:
     return s
 
 
-def aggregate_table(df: pd.DataFrame, metrics: Sequence[str], group_by: Sequence[str], precision: int = 4) -> Table:
+def _interval(lo: float, hi: float, precision: int) -> str:
+    return f"[{fmt_num(lo, precision)}, {fmt_num(hi, precision)}]" if math.isfinite(lo) and math.isfinite(hi) else "—"
+
+
+def _vs_best(label: str, p: float) -> str:
+    if label in (seedstats.SAME, seedstats.WORSE, seedstats.BETTER) and math.isfinite(p):
+        return f"{label} (p={fmt_p(p)})"
+    return label
+
+
+def aggregate_table(df: pd.DataFrame, metrics: Sequence[str], group_by: Sequence[str], precision: int = 4,
+                    compare_on: str | None = None, level: float = seedstats.LEVEL) -> Table:
+    """The leaderboard; with ``compare_on``: its t-interval and the paired test against the best as two more columns."""
+    extra = compare_on is not None and "vs_best" in df.columns
     headers = [*group_by, "n", "failed", *(pretty_metric(m) for m in metrics)]
+    if extra:
+        headers += [f"{pretty_metric(compare_on)} {100 * level:g}% t-interval", f"vs best ({pretty_metric(compare_on)})"]
     rows, bold = [], set()
     for i, r in enumerate(df.itertuples(index=False)):
         d = dict(zip(df.columns, r))
@@ -128,6 +172,8 @@ def aggregate_table(df: pd.DataFrame, metrics: Sequence[str], group_by: Sequence
             row.append(_cell(d[f"{m}:mean"], d[f"{m}:std"], d[f"{m}:n"], d["n"], precision))
             if m in best:
                 bold.add((i, len(group_by) + 2 + j))
+        if extra:
+            row += [_interval(d[f"{compare_on}:ci_low"], d[f"{compare_on}:ci_high"], precision), _vs_best(d["vs_best"], d["vs_best:p"])]
         rows.append(row)
     return Table(headers, rows, bold=bold)
 
@@ -146,6 +192,11 @@ def aggregate(
     precision: int = 4,
     filename: str = "aggregate",
     modes: str | Sequence[str] = ("selected",),
+    level: float = seedstats.LEVEL,
+    compare_on: str | None = None,
+    alpha: float = seedstats.ALPHA,
+    min_pairs: int = seedstats.MIN_PAIRS,
+    plot: bool = True,
 ) -> AnalysisResult:
     """Mean ± std over seeds per configuration; writes ``<filename>.csv`` and ``.md``.
 
@@ -157,8 +208,16 @@ def aggregate(
     ``modes`` (``selected``: every metric at the one validation-selected epoch, the default;
     ``as_published``: each test metric at its own best epoch over training, as the tables of
     Roth et al. 2020, optimistic, written to ``<filename>_as_published.csv`` / ``.md``;
-    both: ``[selected, as_published]``; see :mod:`sweeper.analysis.history`).
+    both: ``[selected, as_published]``; see :mod:`sweeper.analysis.history`);
+    ``level`` (of the Student-t interval of each mean, 0.95), ``compare_on`` (the metric of the
+    paired test against the best configuration and of the seeds plot; default the first
+    metric), ``alpha`` (0.05), ``min_pairs`` (3: fewer shared seeds are not tested),
+    ``plot`` (``<filename>_seeds.png``, each seed a dot; default on). See :mod:`sweeper.analysis.seeds`.
     """
+    if not 0 < level < 1:
+        raise ValueError(f"aggregate.level: must be between 0 and 1, got {level!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"aggregate.alpha: must be between 0 and 1, got {alpha!r}")
     modes = [modes] if isinstance(modes, str) else list(modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -166,7 +225,8 @@ def aggregate(
     if modes != ["selected"]:
         return _aggregate_modes(runs, out_dir, modes, study_name=study_name, console=console, metrics=metrics,
                                 group_by=group_by, ignore=ignore, seed_key=seed_key,
-                                lower_is_better=lower_is_better, precision=precision, filename=filename)
+                                lower_is_better=lower_is_better, precision=precision, filename=filename,
+                                level=level, compare_on=compare_on, alpha=alpha, min_pairs=min_pairs, plot=plot)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_key = strip_prefix(seed_key)
@@ -178,9 +238,16 @@ def aggregate(
         keys = check_params(runs, group_by, "aggregate.group_by")
     if not names and metrics is None:
         notes.append("no best/test/* metric was logged by any finished run")
-    df = aggregate_frame(runs, names, keys, seed_key=seed_key, lower_is_better=lower_is_better)
+    if compare_on is not None:
+        compare_on = strip_prefix(str(compare_on))
+        if compare_on not in names:
+            raise ValueError(f"aggregate.compare_on: {compare_on!r} is not one of the table's metrics{did_you_mean(compare_on, names)} ({', '.join(names) or 'none'})")
+    elif names:
+        compare_on = names[0]
+    df = aggregate_frame(runs, names, keys, seed_key=seed_key, lower_is_better=lower_is_better,
+                         level=level, compare_on=compare_on, alpha=alpha, min_pairs=min_pairs)
 
-    table = aggregate_table(df, names, keys, precision)
+    table = aggregate_table(df, names, keys, precision, compare_on, level)
     sel = {
         "val": "the validation split",
         "test": "the test set",
@@ -191,6 +258,13 @@ def aggregate(
         + (f"; {len(failed)} unfinished/failed runs excluded (column 'failed')" if len(failed) else "")
         + ". Bold: best mean per metric."
     )
+    if compare_on is not None:
+        caption += (
+            f" {100 * level:g}% t-interval: mean ± t·s/√n (Student t, n−1 degrees of freedom)."
+            f" vs best: two-sided paired t-test over the seeds shared with the best configuration by"
+            f" {pretty_metric(compare_on)}, α = {alpha:g}, no correction for multiple comparisons;"
+            f" *indistinguishable*: not rejected; fewer than {max(2, min_pairs)} shared seeds: not tested."
+        )
     if "params.eval.select_on" in ok.columns and ok["params.eval.select_on"].notna().any():
         where = sorted({sel.get(str(v), str(v)) for v in ok["params.eval.select_on"].dropna()})
         caption += f" Values at the epoch selected on {' / '.join(where)}."
@@ -200,6 +274,16 @@ def aggregate(
     if not keys:
         blocks.append(Paragraph("No param varies between the finished runs apart from the seed: one group."))
     blocks.append(table)
+    files: list[Path] = []
+    if plot and compare_on is not None and len(df) and df[f"{compare_on}:n"].sum() > 0:
+        labels = [", ".join(f"{k.rsplit('.', 1)[-1] if len(keys) > 2 else k}={fmt_value(v)}" for k, v in zip(keys, r)) or "all runs"
+                  for r in df[keys].itertuples(index=False)] if keys else ["all runs"] * len(df)
+        png = seedstats.seeds_plot(out_dir / f"{filename}_seeds.png", labels, df.attrs["seed_values"],
+                                   list(zip(df[f"{compare_on}:ci_low"], df[f"{compare_on}:ci_high"])),
+                                   list(df["vs_best"]), pretty_metric(compare_on),
+                                   lower=compare_on in {strip_prefix(m) for m in lower_is_better})
+        files.append(png)
+        blocks.append(Image(png, f"{pretty_metric(compare_on)} per configuration, each seed a dot"))
 
     csv = out_dir / f"{filename}.csv"
     df.to_csv(csv, index=False)
@@ -209,7 +293,7 @@ def aggregate(
         for n in notes:
             console.print(f"[yellow]aggregate: {n}[/]")
         console.print(caption)
-    return AnalysisResult("aggregate", [csv, md], blocks, df, notes)
+    return AnalysisResult("aggregate", [csv, md, *files], blocks, df, notes)
 
 
 # ----------------------------------------------------------------------------- modes

@@ -83,6 +83,16 @@ class AnalysisResult:
     notes: list[str] = field(default_factory=list)
 
 
+def instance_key(name: str, number: int) -> str:
+    """The key of the ``number``-th (1-based) run of analysis ``name`` in one call: ``name``, ``name#2``, ..."""
+    return name if number == 1 else f"{name}#{number}"
+
+
+def instance_name(key: str) -> str:
+    """The analysis of an instance key (``correlation#2`` -> ``correlation``)."""
+    return key.split("#", 1)[0]
+
+
 # --------------------------------------------------------------------------- columns
 def metric_col(name: str) -> str:
     return name if name.startswith(METRIC) else METRIC + name

@@ -30,6 +30,7 @@ from .base import (
     Table,
     blocks_markdown,
     fmt_value,
+    instance_name,
     is_missing,
     param_col,
     sort_key,
@@ -188,6 +189,18 @@ def blocks_html(blocks: Sequence[Block], title: str) -> str:
     return "\n".join(parts)
 
 
+def _labelled(res: AnalysisResult, key: str) -> list[Block]:
+    """The blocks of one instance of an analysis run more than once, its first heading naming the
+    instance by the stem of its first file (``correlation_runs``), else by its key."""
+    blocks = list(res.blocks)
+    label = Path(res.files[0]).stem if res.files else key
+    for i, b in enumerate(blocks):
+        if isinstance(b, Heading):
+            blocks[i] = Heading(f"{b.text} (`{label}`)", b.level)
+            break
+    return blocks
+
+
 # --------------------------------------------------------------------------- report
 def report(
     runs: pd.DataFrame,
@@ -216,16 +229,21 @@ def report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = runs.reset_index(drop=True)
+    # ``results``/``errors`` are keyed by instance (``correlation``, ``correlation#2``, ...): every
+    # instance of an analysis that ran more than once in the call is a section of its own.
+    ran = list(dict.fromkeys([*(results or {}), *(errors or {})]))
     if sections is None:
-        ran = [*(results or {}), *(errors or {})]
-        sections = list(SECTIONS) if results is None else [s for s in SECTIONS if s in ran]
+        names = list(SECTIONS) if results is None else [s for s in SECTIONS if any(instance_name(k) == s for k in ran)]
         # analyses added with ``register`` (e.g. vs_fid) that ran in the same call, after the standard ones
-        sections += [s for s in dict.fromkeys(ran) if s not in SECTIONS and s != "report"]
+        names += [s for s in dict.fromkeys(map(instance_name, ran)) if s not in SECTIONS and s != "report"]
+    else:
+        names = list(sections)
     results = dict(results or {})
     errors = dict(errors or {})
-    for s in sections:
+    for s in names:
         if s not in REGISTRY or s == "report":
             raise ValueError(f"report.sections: unknown section {s!r} (choose from {', '.join(SECTIONS)})")
+    sections = [k for s in dict.fromkeys(names) for k in ([k for k in ran if instance_name(k) == s] or [s])]
     files: list[Path] = []
     for s in sections:
         if s not in results and s not in errors:
@@ -261,11 +279,12 @@ def report(
             "test set, as the tables of Roth et al. 2020 (R: Result_Evaluations.py:35-67); the other tables use the "
             "selected epoch above. Compare the paper's numbers with the former, judge methods by the latter."
         ))
+    repeated = {n for n in map(instance_name, sections) if sum(instance_name(k) == n for k in sections) > 1}
     for s in sections:
         if s in results:
-            blocks += results[s].blocks
+            blocks += _labelled(results[s], s) if instance_name(s) in repeated else results[s].blocks
         else:
-            blocks += [Heading(s.capitalize()), Paragraph(f"This analysis failed: {errors.get(s, 'not run')}")]
+            blocks += [Heading(s.replace("#", " #").capitalize()), Paragraph(f"This analysis failed: {errors.get(s, 'not run')}")]
     other = {k: v for k, v in errors.items() if k not in sections}
     if other:
         blocks += [Heading("Analyses that failed"), Bullets([f"{k}: {v}" for k, v in other.items()])]

@@ -7,7 +7,7 @@ One row per child run of the execution's parent run, columns::
     metrics.<name>        (the latest logged value; ``best/...`` are the selected-epoch values)
     tags.<name>
 
-Rows are ordered by start time. ``df.attrs`` holds ``parent_run_id``, ``study``,
+Rows are ordered by start time. ``df.attrs`` holds ``parent_run_id``, ``study``, ``parent_params`` (the parent run's ``study.*`` and ``search.*`` params),
 ``experiment_id`` and ``tracking_uri``.
 """
 
@@ -172,8 +172,10 @@ def children_filter(parent_run_id: str) -> str:
 
 def execution_attrs(parent, study: str | None, tracking_uri: str | None) -> dict[str, Any]:
     """``df.attrs`` of the frame of an execution (module docstring)."""
+    # the study's metric/mode and a search's space, as the sweeper logged them on the parent run
+    keep = {k: v for k, v in parent.data.params.items() if k.startswith(("study.", "search."))}
     return dict(parent_run_id=parent.info.run_id, study=study or parent.data.tags.get("study"),
-                experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri)
+                experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri, parent_params=keep)
 
 
 def resolve_execution(client, tracking_uri: str | None, ref: str | None = None, *, parent_run_id: str | None = None,
