@@ -315,7 +315,12 @@ class Trainer:
             "history": history,
             "best": best,
             "best_epoch": best_epoch,
+            # The selected epoch's weights when they are not "model" (Tune keeps only the latest checkpoint).
+            **({"best_model": self.best_state} if best_epoch != epoch and self._has_best(best_epoch) else {}),
         })
+
+    def _has_best(self, best_epoch: int) -> bool:
+        return getattr(self, "best_state", None) is not None and getattr(self, "best_state_epoch", None) == best_epoch
 
     def load_state_dict(self, state: Mapping[str, Any]) -> tuple[int, list[dict], dict, int]:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -333,7 +338,12 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        return int(state["epoch"]), list(state["history"]), dict(state["best"]), int(state["best_epoch"])
+        epoch, best_epoch = int(state["epoch"]), int(state["best_epoch"])
+        if state.get("best_model") is not None:  # the selected weights of an earlier epoch
+            self.best_state, self.best_state_epoch = _snapshot(state["best_model"]), best_epoch
+        elif best_epoch == epoch and best_epoch > 0:  # the checkpoint's own weights are the selected ones
+            self.best_state, self.best_state_epoch = _snapshot(state["model"]), best_epoch
+        return epoch, list(state["history"]), dict(state["best"]), best_epoch
 
     # ---- one epoch ----------------------------------------------------------------
     def train_epoch(self, epoch: int, bar: "_Bar") -> dict[str, float]:
@@ -517,8 +527,8 @@ class Trainer:
                         )
                     if key is None or not best or ev[key] > best.get(key, -math.inf):
                         best, best_epoch = dict(ev), epoch
-                        if cfg.eval.few_shot is not None:  # few-shot adapts the selected checkpoint
-                            self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
+                        # The selected weights (a CPU copy): few-shot adapts them, the sweeper logs them.
+                        self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
                 history.append(metrics)
                 last = epoch == epochs
                 if last:

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     u.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     u.add_argument("--print-command", action="store_true", help=argparse.SUPPRESS)
+    from . import cli_models
+
+    cli_models.add_parsers(sub, add_set)  # embed, retrieve: a run's selected model
     for sp_ in sub.choices.values():  # every command: the user's own registry entries (docs/plugins.md)
         sp_.add_argument(
             "--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
@@ -383,7 +386,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tracking import recording
 
     with recording(logger, killed=(KeyboardInterrupt,)):
-        result = Trainer(cfg, reporter=reporter, progress=True).fit(resume=args.resume)
+        trainer = Trainer(cfg, reporter=reporter, progress=True)
+        result = trainer.fit(resume=args.resume)
+        from .models import log_selected_model
+
+        log_selected_model(logger, trainer, result)  # the selected epoch's weights (never fails the run)
     console.print(result_table(result))
     if args.json:
         import json
@@ -656,6 +663,9 @@ COMMANDS = {
     "list": cmd_list, "keys": cmd_keys, "ui": cmd_ui, "splits": cmd_splits,
     "weights": cmd_weights,
 }
+from .cli_models import COMMANDS as _MODEL_COMMANDS  # noqa: E402 (embed, retrieve)
+
+COMMANDS.update(_MODEL_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

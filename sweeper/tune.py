@@ -228,7 +228,11 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     ):
         from dmlcore.train import Trainer
 
-        Trainer(cfg, reporter=reporter, progress=False).fit(resume=resume)
+        from .models import log_selected_model
+
+        trainer = Trainer(cfg, reporter=reporter, progress=False)
+        result = trainer.fit(resume=resume)
+        log_selected_model(logger, trainer, result)  # the selected epoch's weights (never fails the trial)
 
 
 class _FlatOnly:
