@@ -301,7 +301,7 @@ class Trainer:
     # ---- state ------------------------------------------------------------------
     def state_dict(self, epoch: int, history: list[dict], best: dict, best_epoch: int) -> dict:
         """A snapshot (tensors copied to the CPU), safe to keep while training goes on."""
-        return _snapshot({
+        state = _snapshot({
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "fingerprint": self.cfg.fingerprint(),
@@ -315,9 +315,12 @@ class Trainer:
             "history": history,
             "best": best,
             "best_epoch": best_epoch,
-            # The selected epoch's weights when they are not "model" (Tune keeps only the latest checkpoint).
-            **({"best_model": self.best_state} if best_epoch != epoch and self._has_best(best_epoch) else {}),
         })
+        if best_epoch != epoch and self._has_best(best_epoch):
+            # The selected epoch's weights when they are not "model" (Tune keeps only the latest
+            # checkpoint); already a CPU copy that is replaced, never changed, at the next best.
+            state["best_model"] = self.best_state
+        return state
 
     def _has_best(self, best_epoch: int) -> bool:
         return getattr(self, "best_state", None) is not None and getattr(self, "best_state_epoch", None) == best_epoch

@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -136,6 +135,7 @@ def _log_model(logger: tracking.RunLogger, trainer: Any, result: Any, state: dic
     import torch
     from mlflow.entities import Metric
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log_model reads the model back once
     tracker, run_id = logger.tracker, logger.run_id
     client = tracker.client
     cfg = trainer.cfg
@@ -160,11 +160,14 @@ def _log_model(logger: tracking.RunLogger, trainer: Any, result: Any, state: dic
 
             client.finalize_logged_model(lm.model_id, LoggedModelStatus.FAILED)
         raise
-    best = {k: v for k, v in (result.best or {}).items() if isinstance(v, (int, float))}
+    # log_model linked the run's metrics of step ``epoch``; ``best/...`` (logged at the last step)
+    # are linked the same way: the same rows again with model_id (same timestamp: no new history rows)
     step = int(max((h.get("epoch", 0) for h in result.history), default=epoch))
-    ts = int(time.time() * 1000)
-    # log_model linked the metrics of step ``epoch``; best/... are logged at the last step
-    linked = [Metric(f"best/{k}", float(v), ts, step, model_id=lm.model_id) for k, v in best.items()] if step != epoch else []
+    linked = []
+    for key in (f"best/{k}" for k in (result.best or {})) if step != epoch else ():
+        hist = tracking._retry(lambda: client.get_metric_history(run_id, key))
+        linked += [Metric(m.key, m.value, m.timestamp, m.step, model_id=lm.model_id) for m in hist
+                   if m.step == step and m.model_id is None]
     for i in range(0, len(linked), 1000):
         chunk = linked[i : i + 1000]
         tracking._retry(lambda: client.log_batch(run_id, metrics=chunk, synchronous=True))

@@ -116,7 +116,11 @@ def test_each_child_run_carries_its_selected_model(study_runs):
         linked = {(m.key, m.step): m.value for m in lm.metrics}
         hist = {m.step: m.value for m in tracker.client.get_metric_history(rid, "test/recall_at_1")}
         assert linked[("test/recall_at_1", best_epoch)] == hist[best_epoch] == max(hist.values())
-        assert any(k == "best/test/recall_at_1" for k, _ in linked)
+        last = max(hist)
+        assert linked[("best/test/recall_at_1", last)] == run.data.metrics["best/test/recall_at_1"]
+        steps = [m.step for m in tracker.client.get_metric_history(rid, "test/recall_at_1")]
+        assert sorted(steps) == [1, 2, 3]  # linking added no rows to the run's history
+        assert len(tracker.client.get_metric_history(rid, "best/test/recall_at_1")) == 1
         files = {f.path for f in tracker.client.list_logged_model_artifacts(lm.model_id)}
         assert {"MLmodel", "input_example.json", "extra_files"} <= files, files
         assert "model_error" not in run.data.tags
