@@ -172,6 +172,8 @@ def _log_model(logger: tracking.RunLogger, trainer: Any, result: Any, state: dic
         chunk = linked[i : i + 1000]
         tracking._retry(lambda: client.log_batch(run_id, metrics=chunk, synchronous=True))
     tracker.set_tags(run_id, {TAG_MODEL_ID: lm.model_id, "selected_epoch": epoch})
+    if TAG_MODEL_ERROR in run.data.tags:  # an earlier attempt of a retried trial failed to log it
+        tracking._retry(lambda: client.delete_tag(run_id, TAG_MODEL_ERROR))
     return lm.model_id
 
 
