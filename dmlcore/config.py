@@ -155,6 +155,11 @@ class TrainConfig(_Section):
     """Seeded, deterministic kernels (same seed, same metrics on CPU)."""
     checkpoint_every: int = Field(1, ge=0)
     """Report a checkpoint every N epochs (0 = never)."""
+    sync_bn: bool = False
+    """Data-parallel trials (several workers): SyncBatchNorm, i.e. training BatchNorm layers
+    normalise with the statistics of the global batch (CUDA only). False: each worker
+    normalises its own slice (frozen BN, ``model.freeze_bn``, needs neither). No effect with
+    one worker (:mod:`dmlcore.distributed`)."""
 
 
 class FewShotConfig(_Section):

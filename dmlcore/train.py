@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__, registry
+from . import __version__, distributed, registry
 from .config import ConfigError, RunConfig
 from .resources import resolve_workers
 
@@ -195,6 +195,7 @@ class Trainer:
         self.progress = progress
         self.console = console
         self.device = resolve_device(cfg.train.device)
+        self.dp: distributed.DataParallel | None = None
         self._built = False
 
     # ---- construction -----------------------------------------------------------
@@ -206,6 +207,9 @@ class Trainer:
         from .models.embedding import build_model
 
         cfg = self.cfg
+        self.dp = distributed.DataParallel.for_trainer(cfg, self.device)  # W > 1 processes: data-parallel
+        if self.dp is not None and self.dp.rank != 0:
+            self.progress = False
         _set_deterministic(cfg.train.deterministic, self.device)
         seed_everything(cfg.train.seed)
         self.data = build_data(cfg)
@@ -220,6 +224,8 @@ class Trainer:
             self.criterion.tensor_logs = True  # per-step logs stay on the device
         if hasattr(self.criterion, "check_extra_embeddings"):  # e.g. the auxiliary CRT's embedding
             self.criterion.check_extra_embeddings(getattr(self.model, "extra_embedding_dims", dict)())
+        if self.dp is not None:  # SyncBatchNorm (train.sync_bn), rank 0's weights on every rank
+            self.model = self.dp.prepare(self.model, self.criterion)
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "name": "model"}]
         from .losses.criterion import loss_param_group
 
@@ -241,6 +247,8 @@ class Trainer:
             seed=cfg.train.seed,
             iterations=cfg.batch.iterations_per_epoch,
         )
+        if self.dp is not None:  # the same global batches on every rank, this rank's slice of each
+            self.sampler = self.dp.shard_sampler(self.sampler)
         # Augmentation and the eval transform run on whole uint8 batches on the device.
         self.train_tf = self.data.train.transform.to(self.device)
         self.eval_tf = self.data.test.transform.to(self.device)
@@ -363,7 +371,7 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         clip_value = self.cfg.optim.clip_value
         cl = self.device.type == "cuda" and self.cfg.train.channels_last
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed if self.dp is None else self.dp.augment_seed(seed))
         for step, (x, y, ids) in enumerate(self._batches(epoch)):
             x = self.train_tf(x.to(self.device, non_blocking=True), gen)
             if cl:
@@ -374,6 +382,8 @@ class Trainer:
             if ids is not None:
                 ids = ids.to(self.device, non_blocking=True)
             extras = self.model.head_embeddings() if hasattr(self.model, "head_embeddings") else None
+            if self.dp is not None:  # the loss and the miner see the global batch
+                emb, y, ids, x, extras = self.dp.global_batch(emb.float(), y, ids, x, extras)
             if extras:  # the head's extra embeddings (e.g. the auxiliary CRT) get the metric loss too
                 loss, logs = self.criterion(emb.float(), y, extra_embeddings=extras, images=x, sample_ids=ids)
             else:
@@ -384,6 +394,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
+                if self.dp is not None:
+                    self.dp.sync_grads(self.optimizer)
                 if clip or clip_value:
                     self.scaler.unscale_(self.optimizer)
                     _clip(self.model.parameters(), clip, clip_value)
@@ -391,6 +403,8 @@ class Trainer:
                 self.scaler.update()
             else:
                 loss.backward()
+                if self.dp is not None:
+                    self.dp.sync_grads(self.optimizer)
                 if clip or clip_value:
                     _clip(self.model.parameters(), clip, clip_value)
                 self.optimizer.step()
@@ -419,6 +433,8 @@ class Trainer:
     @torch.no_grad()
     def embed(self, ds: Dataset, indices: Iterable[int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Embeddings (float32, CPU) and labels of a dataset (or a subset of it)."""
+        if self.dp is not None and not self.dp.local:  # sharded over the ranks, gathered
+            return self.dp.embed(self, ds, indices)
         self.model.eval()
         idx = None if indices is None else np.asarray(list(indices), dtype=np.int64)
         labels = np.asarray(ds.labels) if idx is None else np.asarray(ds.labels)[idx]
@@ -447,6 +463,13 @@ class Trainer:
         return emb, labels
 
     def evaluate(self) -> dict[str, float]:
+        """Metrics of every evaluation split; with W ranks computed by rank 0 on the gathered
+        embeddings and the same on every rank (:meth:`dmlcore.distributed.DataParallel.evaluate`)."""
+        if self.dp is not None:
+            return self.dp.evaluate(self, self._evaluate)
+        return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         from .metrics import embedding_space_metrics, evaluate_embeddings
 
         ev = self.cfg.eval
@@ -532,6 +555,8 @@ class Trainer:
                         best, best_epoch = dict(ev), epoch
                         # The selected weights (a CPU copy): few-shot adapts them, the sweeper logs them.
                         self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
+                if self.dp is not None:  # rank 0's numbers (its times) on every rank
+                    metrics = self.dp.broadcast(metrics)
                 history.append(metrics)
                 last = epoch == epochs
                 if last:
@@ -542,8 +567,10 @@ class Trainer:
                     metrics = {**metrics, **{f"best/{k}": v for k, v in best.items()}, "best_epoch": best_epoch}
                 ckpt = None
                 every = cfg.train.checkpoint_every
-                if every and (epoch % every == 0 or last):
+                if every and (epoch % every == 0 or last) and (self.dp is None or self.dp.rank == 0):
                     ckpt = self.state_dict(epoch, history, best, best_epoch)
+                if self.dp is not None and last:  # every rank reports the same numbers, the same number of times
+                    metrics = self.dp.broadcast(metrics)
                 self.reporter.report(epoch, metrics, ckpt)
                 bar.log_epoch(epoch, metrics)
         final = next((h for h in reversed(history) if any(k.startswith("test/") for k in h)), {})

@@ -7,7 +7,9 @@
 
 STUDY is a study file, its stem (``fair_benchmark``) or the study's name
 (``revisiting_fair_benchmark``), looked for in ./studies and ./.
-    sweeper list [KIND]                                      registries and their parameters
+    sweeper list [KIND] [--json]                             registries and their parameters
+    sweeper ls [STUDY] [--json]                              the executions under ./runs: status, trials, best
+    sweeper --version                                        package version (and git commit of a checkout)
     sweeper keys [PREFIX]                                    every config key with its default
     sweeper ui [--port P] [--host H]                         MLflow UI on the same store
     sweeper weights list | fetch BACKBONE                    ImageNet weights in the torch hub cache
@@ -31,6 +33,8 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from .cli_help import VersionAction, add_cli_examples, add_examples  # noqa: F401 (add_examples: for new subcommands)
 
 EXIT_USAGE = 2
 
@@ -81,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sweeper",
         description="Deep Metric Learning studies: Ray Tune sweeps of the dmlcore trainer, tracked in MLflow.",
     )
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     def add_set(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override a dotted config key (repeatable), e.g. --set train.epochs=2",
+            help="override a dotted config key (repeatable), e.g. --set train.epochs=2; on show/run also "
+                 "a study key: --set seeds=[0,1], --set search.samples=50",
         )
 
     t = sub.add_parser("train", help="train one run (rich progress; logged to MLflow)")
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("study")
     s.add_argument("--quick", action="store_true", help="apply the study's quick overrides")
     add_set(s)
+    s.add_argument("--json", action="store_true", help="print the resolved study as JSON (schema: docs/cli.md)")
 
     r = sub.add_parser("run", help="run a study with Ray Tune")
     r.add_argument("study")
@@ -120,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     r.add_argument("--no-live", action="store_true", help="print one line per trial event instead of a live table")
     r.add_argument("--verbose", action="store_true", help="show the trials' own output")
+    r.add_argument("--json", action="store_true",
+                   help="print the outcome as JSON on stdout, the progress on stderr (schema: docs/cli.md)")
 
     a = sub.add_parser("analyze", help="run the analyses again on a study execution's MLflow runs")
     a.add_argument("ref", help="study YAML (its analyses), study name (latest execution) or parent run id")
@@ -130,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list the registries (datasets, losses, ...) with their parameters")
     ls.add_argument("kind", nargs="?", help="one registry, e.g. loss or losses")
+    ls.add_argument("--json", action="store_true", help="print the entries as JSON (schema: docs/cli.md)")
+
+    ex = sub.add_parser("ls", help="the study executions under ./runs: status, trials, best value, parent run")
+    ex.add_argument("study", nargs="?", help="only this study's executions (its name, file stem or file)")
+    ex.add_argument("--storage", help="storage folder to list (default: ./runs; or a study's --storage folder)")
+    ex.add_argument("--json", action="store_true", help="print the executions as JSON (schema: docs/cli.md)")
+    ex.add_argument("--no-mlflow", action="store_true",
+                    help="only the state files: no MLflow search for the counts of running or crashed executions")
+    ex.add_argument("--tracking-uri", help="the full URI (with password) of a store sweeper.json keeps redacted")
 
     k = sub.add_parser("keys", help="list every config key with its default")
     k.add_argument("prefix", nargs="?", help="only keys starting with this, e.g. loss")
@@ -166,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_models
 
     cli_models.add_parsers(sub, add_set)  # embed, retrieve: a run's selected model
+    add_cli_examples(sub.choices)
     for sp_ in sub.choices.values():  # every command: the user's own registry entries (docs/plugins.md)
         sp_.add_argument(
             "--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
@@ -192,6 +211,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .study import load_study
 
     study = load_study(resolve_study_file(args.study), parse_overrides(args.overrides), quick=args.quick)
+    if args.json:
+        from .cli_json import dump, study_doc
+
+        dump(study_doc(study))
+        return 0
     print_study(study, _console())
     return 0
 
@@ -278,7 +302,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .study import load_study
     from .tune import storage_root
 
-    console = _console()
+    console = _console(stderr=args.json)  # --json: the document alone on stdout
     ref = resolve_study_file(args.study)
     quick, overrides, resume = args.quick, parse_overrides(args.overrides), args.resume
     if args.resume:
@@ -300,6 +324,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if problems:
             raise PreflightError(problems)
         console.print("[dim]dry run: preflight passed; nothing started[/dim]")
+        if args.json:
+            from .cli_json import dump, study_doc
+
+            dump(study_doc(study))
         return 0
     from .tune import run_study
 
@@ -316,6 +344,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
     )
     print_outcome(outcome, console)
+    if args.json:
+        from .cli_json import dump, outcome_doc
+
+        dump(outcome_doc(outcome))
     return 1 if outcome.interrupted else 0
 
 
@@ -330,7 +362,9 @@ def print_outcome(outcome: Any, console: Console) -> None:
     parts = [f"{n} {k}" for k, n in sorted(c.items())]
     console.print(f"[bold]{outcome.study}[/bold] {outcome.execution}: " + ", ".join(parts), soft_wrap=True)
     if outcome.best is not None:
-        console.print(f"best {outcome.metric} = {outcome.best.value:.4f} ({outcome.best.name})", soft_wrap=True)
+        from .numbers import fmt_num
+
+        console.print(f"best {outcome.metric} = {fmt_num(outcome.best.value)} ({outcome.best.name})", soft_wrap=True)
     console.print(f"storage  {outcome.exec_dir}", soft_wrap=True)
     from .tracking import redact_uri
 
@@ -417,13 +451,15 @@ def result_table(result: Any) -> Table:
 
 
 def _num(v: Any) -> str:
+    from .numbers import fmt_num
+
     if v is None:
         return ""
     try:
         x = float(v)
     except (TypeError, ValueError):
         return str(v)
-    return f"{x:.4f}" if x == 0 or 1e-3 <= abs(x) < 1e5 else f"{x:.3g}"
+    return fmt_num(v if isinstance(v, int) and not isinstance(v, bool) else x)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -482,6 +518,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             hint = f" (did you mean '{_PLURALS.get(close[0], close[0])}'?)" if close else ""
             raise UserError(f"unknown registry '{args.kind}'{hint}; registries: {', '.join(kinds)}")
         kinds = [k]
+    if args.json:
+        from .cli_json import dump, registries_doc
+
+        dump(registries_doc(kinds))
+        return 0
     for kind in kinds:
         table = Table(title=f"{kind} ({len(registry.names(kind))})", title_justify="left")
         table.add_column("name", style="bold", no_wrap=True)
@@ -499,6 +540,43 @@ def cmd_list(args: argparse.Namespace) -> int:
                 doc = f"[plugin {module}] {doc}".strip()
             table.add_row(name, ps or "[dim]—[/dim]", escape(doc))
         console.print(table)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from . import executions as ex
+
+    from .refs import study_name_of, suggestion
+
+    study = args.study
+    if study is not None:  # a study file, its stem or a study name -> the name in sweeper.json
+        study = study_name_of(study) or study
+    root = Path(args.storage).expanduser() if args.storage else Path("runs")
+    found = ex.list_executions(root, study, mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri)
+    if args.json:
+        from .cli_json import dump, executions_doc
+
+        dump(executions_doc(found, str(root.resolve())))
+        return 0
+    console = _console()
+    if not found:
+        hint = suggestion(study, sorted({st.get("study", "") for _, st in ex.scan(root)})) if study else ""
+        console.print(f"no study executions under {root.resolve()}" + (f" for '{study}'{hint}" if study else ""),
+                      soft_wrap=True)
+        return 0
+    cols, rows = ex.table_rows(found)
+    if not console.is_terminal:  # piped: plain tab-separated lines, a header first
+        for row in [cols, *rows]:
+            print("\t".join(row))
+        return 0
+    style = {"running": "cyan", "finished": "green", "interrupted": "yellow", "failed": "bold red"}
+    table = Table(title=f"study executions under {root.resolve()}", title_justify="left")
+    for c in cols:
+        table.add_column(c, overflow="fold", no_wrap=c in ("execution", "status", "started"))
+    for e, row in zip(found, rows):
+        row[2] = f"[{style.get(e.status, 'dim')}]{escape(row[2])}[/]"
+        table.add_row(*[cell if i == 2 else escape(cell) for i, cell in enumerate(row)])
+    console.print(table)
     return 0
 
 
@@ -661,7 +739,7 @@ def _quiet_logs() -> None:
 COMMANDS = {
     "train": cmd_train, "show": cmd_show, "run": cmd_run, "analyze": cmd_analyze,
     "list": cmd_list, "keys": cmd_keys, "ui": cmd_ui, "splits": cmd_splits,
-    "weights": cmd_weights,
+    "weights": cmd_weights, "ls": cmd_ls,
 }
 from .cli_models import COMMANDS as _MODEL_COMMANDS  # noqa: E402 (embed, retrieve)
 

@@ -17,25 +17,29 @@ import numpy as np
 
 SPLITS = ("test", "val", "train")
 
-EMBED_EXAMPLE = """example:
-  sweeper embed RUN_ID --data test --out emb.npy      # the run's own test split (+ emb.labels.npy)
-  sweeper embed RUN_ID --data photos/ --out emb.npy   # every image under photos/ (+ emb.paths.txt)"""
-RETRIEVE_EXAMPLE = """example:
-  sweeper retrieve RUN_ID query.png --gallery photos/ -k 8"""
+# (command, note, runs): RUN_ID is a placeholder, so the help test parses them but does not run them
+EMBED_EXAMPLES = (
+    ("sweeper embed RUN_ID --data test --out emb.npy", "the run's own test split (+ emb.labels.npy)", False),
+    ("sweeper embed RUN_ID --data photos/ --out emb.npy", "every image under photos/ (+ emb.paths.txt)", False),
+)
+RETRIEVE_EXAMPLES = (
+    ("sweeper retrieve RUN_ID query.png --gallery photos/ -k 8", "the 8 nearest images under photos/", False),
+)
 
 
 def add_parsers(sub: Any, add_set: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register ``embed`` and ``retrieve`` on the ``sweeper`` subcommand parser."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    e = sub.add_parser("embed", help="embed a split or a folder of images with a run's selected model",
-                       epilog=EMBED_EXAMPLE, formatter_class=fmt)
+    from .cli_help import add_examples
+
+    e = sub.add_parser("embed", help="embed a split or a folder of images with a run's selected model")
+    add_examples(e, *EMBED_EXAMPLES)
     e.add_argument("ref", metavar="RUN_ID", help="an MLflow run id, or models:/<model id>, or models:/<name>/<version>")
     e.add_argument("--data", default="test", metavar="SPLIT|DIR",
                    help="test, val or train (the run's own split, from its config), or a folder of images (default: test)")
     e.add_argument("--out", required=True, metavar="FILE.npy", help="where the embeddings go (float32, one row per image)")
     _common(e, add_set)
-    r = sub.add_parser("retrieve", help="the nearest gallery images of query images under a run's selected model",
-                       epilog=RETRIEVE_EXAMPLE, formatter_class=fmt)
+    r = sub.add_parser("retrieve", help="the nearest gallery images of query images under a run's selected model")
+    add_examples(r, *RETRIEVE_EXAMPLES)
     r.add_argument("ref", metavar="RUN_ID", help="an MLflow run id, or models:/<model id>, or models:/<name>/<version>")
     r.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
     r.add_argument("--gallery", required=True, metavar="DIR", help="a folder of images to search (recursively)")

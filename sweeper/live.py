@@ -26,6 +26,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .numbers import fmt_num
+
 try:  # the proxy must subclass Tune's Callback; keep the module importable without Ray
     from ray.tune import Callback as _TuneCallback
 except Exception:  # pragma: no cover
@@ -53,7 +55,7 @@ def trial_point(config: dict) -> tuple[int | None, dict[str, Any]]:
 
 def short(v: Any, n: int = 28) -> str:
     if isinstance(v, float):
-        s = f"{v:.4g}"
+        s = fmt_num(v)
     elif isinstance(v, (dict, list)):
         s = json.dumps(v, separators=(",", ":"), default=str)
     else:
@@ -64,7 +66,7 @@ def short(v: Any, n: int = 28) -> str:
 def fmt_metric(v: float | None) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "—"
-    return f"{v:.4f}"
+    return fmt_num(v)
 
 
 def error_from_file(path: str | None) -> str | None:

@@ -315,7 +315,9 @@ def apply_overrides(base: RunConfig, overrides: Mapping[str, Any], source: str =
 
 
 def _short(v: Any) -> str:
-    s = json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else str(v)
+    from .numbers import fmt_num
+
+    s = json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else fmt_num(v)
     return s if len(s) <= 40 else s[:37] + "..."
 
 
@@ -412,7 +414,10 @@ def resolve_study(
         spec = Study.model_validate(dict(raw))
     except ValidationError as err:
         raise ConfigError(_format_study_error(err, source)) from None
-    overrides = dict(overrides or {})
+    from .study_keys import apply_study_overrides, split_overrides
+
+    all_overrides = dict(overrides or {})
+    study_set, overrides = split_overrides(all_overrides)  # --set seeds=[0], search.samples=50 / run-config keys
     base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     if spec.plugins:  # before any registry name is checked
         from dmlcore import plugins as _plugins
@@ -448,6 +453,7 @@ def resolve_study(
                 spec = Study.model_validate({**spec.model_dump(), **update})
             except ValidationError as err:
                 raise ConfigError(_format_study_error(err, f"{source} (quick)")) from None
+    spec = apply_study_overrides(spec, study_set)  # after quick: the command line wins
     for k in spec.quick:
         if k not in QUICK_STUDY_KEYS and not k.startswith(QUICK_AXES_PREFIX) and (why := key_problem(k)):
             raise ConfigError(f"{source}: quick: {why}")
@@ -564,7 +570,7 @@ def resolve_study(
             except ValueError as err:
                 raise ConfigError(f"{source}: {err}") from None
 
-    resolved = ResolvedStudy(spec=spec, path=path, base=base, quick=quick, overrides=overrides)
+    resolved = ResolvedStudy(spec=spec, path=path, base=base, quick=quick, overrides=all_overrides)
 
     # --- expand and validate every trial
     def validate(over: dict[str, Any], what: str) -> RunConfig:
@@ -652,7 +658,7 @@ def trial_table_rows(study: ResolvedStudy) -> tuple[list[str], list[list[str]]]:
             if isinstance(prm, CategoricalParam):
                 rng = ", ".join(_short(v) for v in prm.values)
             else:
-                rng = f"[{prm.low}, {prm.high}]" + (" log" if prm.log else "")
+                rng = f"[{_short(prm.low)}, {_short(prm.high)}]" + (" log" if prm.log else "")
                 if getattr(prm, "step", None) not in (None, 1):
                     rng += f" step {prm.step}"
             rows.append([key, prm.type, rng])

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Mapping
 
 from dmlcore.config import ConfigError, RunConfig
 
-from . import tracking
+from . import executions, tracking
 from .study import ResolvedStudy, apply_overrides, CategoricalParam, FloatParam, IntParam
 
 STATE_FILE = "sweeper.json"
@@ -653,6 +653,7 @@ def open_record(plan: RunPlan) -> Record:
         tracker.set_status(rec.parent_run_id, "RUNNING")
         state["resumes"] = int(state.get("resumes", 0)) + 1
         tracker.set_tags(rec.parent_run_id, {"resumes": state["resumes"]})
+        state.update(executions.running_fields(spec.metric, spec.mode, study.size))  # status/driver for `sweeper ls`
         _write_state(exec_dir, state)
         _read_earlier(plan, rec)
         return rec
@@ -696,6 +697,7 @@ def open_record(plan: RunPlan) -> Record:
         "experiment_id": experiment_id,
         "parent_run_id": parent_run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **executions.running_fields(spec.metric, spec.mode, study.size),  # status/driver for `sweeper ls`
     }
     _write_state(exec_dir, plan.state)
     return Record(tracker, experiment_id, parent_run_id)
@@ -969,6 +971,10 @@ def _launch_and_record(plan: RunPlan, console: Any, live: bool | None, analyses:
     if analyses and not outcome.interrupted and spec.analyses:
         outcome.analysis_paths = _run_analyses(study, outcome, rec.tracker, console)
     _finish_parent(rec.tracker, outcome)
+    try:  # the status, counts and best value `sweeper ls` shows without reading MLflow
+        _write_state(plan.exec_dir, {**plan.state, **executions.summary_fields(outcome)})
+    except OSError as err:
+        _log.warning("could not write the execution summary: %s", err)
     return outcome
 
 

@@ -41,6 +41,9 @@ def similarity_distillation(student: Tensor, master: Tensor, temperature: float 
 class RelationalDistillation(nn.Module):
     """Holds the frozen master *outside* the module tree (not in the student's checkpoints)."""
 
+    needs_images = True
+    """Data-parallel trials gather the batch images for it (:mod:`dmlcore.distributed`)."""
+
     def __init__(self, master: nn.Module, temperature: float = 0.1, mode: str = "kl") -> None:
         super().__init__()
         if temperature <= 0:
