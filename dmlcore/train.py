@@ -313,7 +313,7 @@ class Trainer:
     # ---- state ------------------------------------------------------------------
     def state_dict(self, epoch: int, history: list[dict], best: dict, best_epoch: int) -> dict:
         """A snapshot (tensors copied to the CPU), safe to keep while training goes on."""
-        return _snapshot({
+        state = _snapshot({
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "fingerprint": self.cfg.fingerprint(),
@@ -328,6 +328,14 @@ class Trainer:
             "best": best,
             "best_epoch": best_epoch,
         })
+        if best_epoch != epoch and self._has_best(best_epoch):
+            # The selected epoch's weights when they are not "model" (Tune keeps only the latest
+            # checkpoint); already a CPU copy that is replaced, never changed, at the next best.
+            state["best_model"] = self.best_state
+        return state
+
+    def _has_best(self, best_epoch: int) -> bool:
+        return getattr(self, "best_state", None) is not None and getattr(self, "best_state_epoch", None) == best_epoch
 
     def load_state_dict(self, state: Mapping[str, Any]) -> tuple[int, list[dict], dict, int]:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -345,7 +353,12 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        return int(state["epoch"]), list(state["history"]), dict(state["best"]), int(state["best_epoch"])
+        epoch, best_epoch = int(state["epoch"]), int(state["best_epoch"])
+        if state.get("best_model") is not None:  # the selected weights of an earlier epoch
+            self.best_state, self.best_state_epoch = _snapshot(state["best_model"]), best_epoch
+        elif best_epoch == epoch and best_epoch > 0:  # the checkpoint's own weights are the selected ones
+            self.best_state, self.best_state_epoch = _snapshot(state["model"]), best_epoch
+        return epoch, list(state["history"]), dict(state["best"]), best_epoch
 
     # ---- one epoch ----------------------------------------------------------------
     def train_epoch(self, epoch: int, bar: "_Bar") -> dict[str, float]:
@@ -551,8 +564,8 @@ class Trainer:
                     if key is None or not best or ev[key] > best.get(key, -math.inf):
                         best, best_epoch = dict(ev), epoch
                         self.best_embeddings = self._eval_embeddings  # the pictures' (eval.pictures)
-                        if cfg.eval.few_shot is not None:  # few-shot adapts the selected checkpoint
-                            self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
+                        # The selected weights (a CPU copy): few-shot adapts them, the sweeper logs them.
+                        self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
                 if self.dp is not None:  # rank 0's numbers (its times) on every rank
                     metrics = self.dp.broadcast(metrics)
                 history.append(metrics)

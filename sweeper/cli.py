@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     u.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     u.add_argument("--print-command", action="store_true", help=argparse.SUPPRESS)
+    from . import cli_models
+
+    cli_models.add_parsers(sub, add_set)  # embed, retrieve: a run's selected model
     add_cli_examples(sub.choices)
     for sp_ in sub.choices.values():  # every command: the user's own registry entries (docs/plugins.md)
         sp_.add_argument(
@@ -419,8 +422,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     with recording(logger, killed=(KeyboardInterrupt,)):
         trainer = Trainer(cfg, reporter=reporter, progress=True)
         result = trainer.fit(resume=args.resume)
+        from .models import log_selected_model
         from .pictures import log_pictures
 
+        log_selected_model(logger, trainer, result)  # the selected epoch's weights (never fails the run)
         log_pictures(trainer, result, logger)  # never raises (eval.pictures: false: nothing)
     console.print(result_table(result))
     if args.json:
@@ -747,6 +752,9 @@ COMMANDS = {
     "list": cmd_list, "keys": cmd_keys, "ui": cmd_ui, "splits": cmd_splits,
     "weights": cmd_weights, "ls": cmd_ls,
 }
+from .cli_models import COMMANDS as _MODEL_COMMANDS  # noqa: E402 (embed, retrieve)
+
+COMMANDS.update(_MODEL_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -228,10 +228,12 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     ):
         from dmlcore.train import Trainer
 
-        trainer = Trainer(cfg, reporter=reporter, progress=False)
-        result = trainer.fit(resume=resume)
+        from .models import log_selected_model
         from .pictures import log_pictures
 
+        trainer = Trainer(cfg, reporter=reporter, progress=False)
+        result = trainer.fit(resume=resume)
+        log_selected_model(logger, trainer, result)  # the selected epoch's weights (never fails the trial)
         log_pictures(trainer, result, logger)  # never raises (eval.pictures: false: nothing)
 
 
