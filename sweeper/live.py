@@ -226,11 +226,10 @@ class LiveView:
                 self._failed[row.trial_id] = row
             elif old == "failed":
                 self._failed.pop(row.trial_id, None)
-        in_top = any(r is row for r in self._top)
-        if in_top and (row.status not in self._FINISHED or name == "best"):
-            self._top = [r for r in self._top if r is not row]
-            in_top = False
-        if row.status in self._FINISHED and not in_top and row.best is not None:
+        if any(r is row for r in self._top):
+            if row.status not in self._FINISHED or name == "best":
+                self._rebuild_top()  # a drawn finished row changed (a retry): rare, O(rows)
+        elif row.status in self._FINISHED and row.best is not None:
             self._insert_top(row)
         if name == "best":
             if self.better(row.best, self._best.best if self._best is not None else None):
@@ -240,6 +239,12 @@ class LiveView:
                 for r in self.rows.values():
                     if r.best is not None and (self._best is None or self.better(r.best, self._best.best)):
                         self._best = r
+
+    def _rebuild_top(self) -> None:
+        self._top = []
+        for r in self.rows.values():
+            if r.status in self._FINISHED and r.best is not None:
+                self._insert_top(r)
 
     def _insert_top(self, row: Row) -> None:
         at = len(self._top)

@@ -706,17 +706,26 @@ def _write_state(exec_dir: Path, state: Mapping[str, Any]) -> None:
 def latest_checkpoint(exec_dir: Path, trial_id: str) -> Path | None:
     """The newest ``checkpoint.pt`` Tune kept for trial ``trial_id`` under ``exec_dir``
     (any attempt's experiment folder); a torch file, read with ``weights_only=True``."""
-    best: tuple[int, float, Path] | None = None
-    for tdir in exec_dir.rglob(f"trial_{trial_id}"):
-        for ck in tdir.glob("checkpoint_*/checkpoint.pt"):
-            try:
-                n = int(ck.parent.name.rsplit("_", 1)[-1])
-            except ValueError:
-                continue
-            key = (n, ck.stat().st_mtime, ck)
-            if best is None or key[:2] > best[:2]:
-                best = key
-    return best[2] if best else None
+    return checkpoint_index(exec_dir).get(trial_id)
+
+
+def checkpoint_index(exec_dir: Path) -> dict[str, Path]:
+    """trial_id -> the newest ``checkpoint.pt`` Tune kept for it under ``exec_dir`` (any
+    attempt), from ONE walk of the folder: :func:`latest_checkpoint` for every trial at
+    once (a resume of thousands of trials does not walk the storage once per trial)."""
+    best: dict[str, tuple[int, float, Path]] = {}
+    for ck in exec_dir.rglob("checkpoint_*/checkpoint.pt"):
+        tdir = ck.parent.parent.name
+        if not tdir.startswith("trial_"):
+            continue
+        try:
+            key = (int(ck.parent.name.rsplit("_", 1)[-1]), ck.stat().st_mtime, ck)
+        except (ValueError, OSError):
+            continue
+        tid = tdir[len("trial_"):]
+        if tid not in best or key[:2] > best[tid][:2]:
+            best[tid] = key
+    return {tid: v[2] for tid, v in best.items()}
 
 
 def _search_point(study: ResolvedStudy, params: Mapping[str, str]) -> dict[str, Any] | None:
@@ -747,6 +756,7 @@ def _read_earlier(plan: RunPlan, rec: Record) -> None:
     finished trials are kept, unfinished ones continue from their latest checkpoint."""
     study, spec = plan.study, plan.study.spec
     by_index = {t.index: t for t in study.trials}
+    checkpoints: dict[str, Path] | None = None  # built on the first unfinished run, once
     for run in rec.tracker.children(rec.experiment_id, rec.parent_run_id):
         tags, metrics = run.data.tags, run.data.metrics
         key = tags.get(tracking.TAG_TRIAL_KEY)
@@ -756,7 +766,9 @@ def _read_earlier(plan: RunPlan, rec: Record) -> None:
         except ValueError:
             index = None
         if run.info.status != "FINISHED":
-            ck = latest_checkpoint(plan.exec_dir, tid) if tid and index is not None else None
+            if checkpoints is None and tid and index is not None:
+                checkpoints = checkpoint_index(plan.exec_dir)
+            ck = checkpoints.get(tid) if checkpoints is not None and tid and index is not None else None
             if ck is not None and key:
                 rec.resume_from[key] = str(ck)
             continue
@@ -846,6 +858,7 @@ def launch(plan: RunPlan, rec: Record, ctx: TrialContext, view: Any) -> tuple[An
         callbacks=[livemod.LiveCallback()],
         verbose=0,
     )
+    _lean_tune()
     tuner = tune.Tuner(make_trainable(study, ctx), param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
     with view:
@@ -853,6 +866,18 @@ def launch(plan: RunPlan, rec: Record, ctx: TrialContext, view: Any) -> tuple[An
             return _fit(tuner)
         except KeyboardInterrupt:
             return None, True
+
+
+def _lean_tune() -> None:
+    """What Tune writes per trial beyond what the sweeper uses (issue 20): its default
+    CSV/JSON/TensorBoard logger callbacks write ``params.json``, ``params.pkl``,
+    ``result.json``, ``progress.csv`` and an events file into every trial folder on every
+    result, and ``tuner.fit`` reads every trial's ``result.json`` back into a DataFrame at
+    the end. The metrics are in MLflow and the sweeper reads neither, so they are off
+    unless ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` is set (``=0`` brings them back).
+    Checkpoints and the experiment state are unchanged (``CheckpointConfig(num_to_keep=1)``;
+    Tune paces its experiment-state writes to ~5 % of the driver's time)."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 # ----------------------------------------------------------------------------- the run
