@@ -142,3 +142,30 @@ def test_checkpoint_index_is_the_newest_checkpoint_of_every_trial(tmp_path):
     got = checkpoint_index(tmp_path)
     assert got == {tid: path for tid, (_, path) in expected.items()}
     assert "c" not in got and os.path.basename(str(got["d"].parent)) == "checkpoint_000010"
+
+
+def test_trial_checkpoints_do_not_force_an_experiment_state_snapshot_during_a_study():
+    """Tune's own manager, built as Tune builds it for ``num_to_keep=1``: a trial checkpoint
+    forces a snapshot of every trial outside the sweeper's launch, not inside it."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from sweeper.tune import no_forced_state_sync
+
+    def manager():
+        m = _ExperimentCheckpointManager.__new__(_ExperimentCheckpointManager)
+        m._sync_every_n_trial_checkpoints = 1
+        m._trial_num_checkpoints_since_last_sync = __import__("collections").Counter()
+        m._should_force_sync_up = False
+        return m
+
+    m = manager()
+    m.on_trial_checkpoint("trial")
+    assert m._should_force_sync_up  # Tune's behaviour: forced
+    with no_forced_state_sync() as active:
+        assert active
+        m = manager()
+        m.on_trial_checkpoint("trial")
+        assert not m._should_force_sync_up
+    m = manager()
+    m.on_trial_checkpoint("trial")
+    assert m._should_force_sync_up  # restored afterwards
