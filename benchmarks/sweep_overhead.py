@@ -14,6 +14,10 @@ to finish, divided by w (w = max(10, n / 10)); with `--cpus` trials at a time th
 study's throughput at that point, the number that must stay flat as trials accumulate.
 
     python benchmarks/sweep_overhead.py [--trials 20,200,2000] [--cpus 2] [--loop-trials 20]
+    python benchmarks/sweep_overhead.py --trials 20,200,2000 --from-store sqlite:////tmp/.../mlflow.db --study overhead
+
+The second form only reads a store's trial end times (a run still going, or another study
+such as resume_scale.py's) and prints the marginal costs, without a loop baseline.
 
 Prints, for each size, the marginal seconds per trial, the overhead over the loop's
 seconds per trial, the ratio to the marginal cost at the smallest size (goal at 2,000:
@@ -74,8 +78,15 @@ def main() -> None:
     ap.add_argument("--trials", default="50", help="study sizes at which to read the marginal cost, e.g. 20,200,2000")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--loop-trials", type=int, default=20, help="trials of the plain-loop baseline")
+    ap.add_argument("--from-store", metavar="URI", help="only read the trial end times of this MLflow store")
+    ap.add_argument("--study", default="overhead", help="with --from-store: the study (experiment) name")
     args = ap.parse_args()
     ns = sizes(args.trials)
+    if args.from_store:
+        ends = child_end_times(args.from_store, args.study)
+        print(f"{args.study}: {len(ends)} FINISHED trials in {args.from_store}")
+        table(ns, ends, None, ends[0] if ends else 0.0)
+        return
     total = ns[-1]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -96,6 +107,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="dml-sweep-bench-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    print(f"store {uri} (read a run still going with --from-store {uri})", flush=True)
     study = {"name": "overhead", "base": BASE, "seeds": list(range(total)), "metric": "test/recall_at_1",
              "mode": "max", "resources": {"cpu": 1}, "max_concurrent": args.cpus}
     path = tmp / "study.yaml"
@@ -118,6 +130,10 @@ def main() -> None:
     print(f"sweeper: Ray start-up {t_ray:.1f} s, study {t_study:.1f} s ({t_study / total:.3f} s/trial on average)")
     if len(ends) < total:
         print(f"only {len(ends)} of {total} trials FINISHED: marginal costs above that size are not measured")
+    table(ns, ends, loop, start)
+
+
+def table(ns: list[int], ends: list[float], loop: float | None, start: float) -> None:
     print(f"{'size n':>8} {'window':>7} {'marginal s/trial':>17} {'overhead vs loop':>17} {'ratio to n=' + str(ns[0]):>14} "
           f"{'wall to n-th trial':>19}")
     first = None
@@ -126,7 +142,8 @@ def main() -> None:
             continue
         m = marginal(ends, n)
         first = m if first is None else first
-        print(f"{n:>8} {window(n):>7} {m:>17.3f} {m - loop:>+17.3f} {m / first:>14.2f} {ends[n - 1] - start:>17.1f} s")
+        over = f"{m - loop:>+17.3f}" if loop is not None else f"{'':>17}"
+        print(f"{n:>8} {window(n):>7} {m:>17.3f} {over} {m / first:>14.2f} {ends[n - 1] - start:>17.1f} s")
 
 
 if __name__ == "__main__":
