@@ -48,11 +48,12 @@ def test_sigkilled_study_of_30_trials_resumes_without_a_duplicate_run(ray_sessio
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                 env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
         try:
-            deadline = time.time() + 180
+            deadline = time.time() + 900  # a guard against a hang only: ~20 s on an idle machine
             while time.time() < deadline and proc.poll() is None and done < KILL_AT:
                 done = max([int(m.group(1)) for ln in log_path.read_text().splitlines() if (m := DONE.match(ln))] or [0])
                 time.sleep(0.2)
             assert proc.poll() is None, "the driver ended before it was killed:\n" + log_path.read_text()
+            assert done >= KILL_AT, f"only {done} trials done before the deadline:\n" + log_path.read_text()[-2000:]
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
