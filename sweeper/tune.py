@@ -561,6 +561,9 @@ class RunPlan:
     address: str | None = None
     num_cpus: int | None = None
     custom_storage: bool = False
+    earlier_runs: Any = field(default=None, repr=False, compare=False)
+    """On resume: a future of the execution's child runs, listed in a thread while Ray starts
+    and the preflight runs (:func:`prefetch_children`); None: listed when needed."""
 
     @property
     def exec_dir(self) -> Path:
@@ -751,13 +754,31 @@ def _search_point(study: ResolvedStudy, params: Mapping[str, str]) -> dict[str, 
     return point
 
 
+def prefetch_children(plan: RunPlan) -> None:
+    """On resume, start listing the execution's child runs (one paged ``search_runs``) in a
+    thread, so that on a store of thousands of runs the listing overlaps Ray's start-up and
+    the preflight instead of following them (issue 20: the time to the first new trial).
+    Its result, or its error, is taken by :func:`_read_earlier`."""
+    if not plan.resume or plan.earlier_runs is not None:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    exp, parent = plan.state["experiment_id"], plan.state["parent_run_id"]
+    pool = ThreadPoolExecutor(1, thread_name_prefix="sweeper-resume-listing")
+    plan.earlier_runs = pool.submit(lambda: tracking.Tracker(plan.uri).children(exp, parent))
+    pool.shutdown(wait=False)
+
+
 def _read_earlier(plan: RunPlan, rec: Record) -> None:
     """What an earlier attempt left, from MLflow (the child runs) and the checkpoints:
     finished trials are kept, unfinished ones continue from their latest checkpoint."""
     study, spec = plan.study, plan.study.spec
     by_index = {t.index: t for t in study.trials}
     checkpoints: dict[str, Path] | None = None  # built on the first unfinished run, once
-    for run in rec.tracker.children(rec.experiment_id, rec.parent_run_id):
+    listed = plan.earlier_runs
+    runs = listed.result() if listed is not None and rec.parent_run_id == plan.state.get("parent_run_id") \
+        else rec.tracker.children(rec.experiment_id, rec.parent_run_id)
+    for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         key = tags.get(tracking.TAG_TRIAL_KEY)
         tid = tags.get(tracking.TAG_TRIAL_ID, "")
@@ -933,6 +954,7 @@ def run_study(
     # 1. plan: which execution, where; nothing written
     plan = plan_run(study, address=address, num_cpus=num_cpus, resume=resume, storage=storage,
                     tracking_uri=tracking_uri)
+    prefetch_children(plan)
     if resume and tracking_uri and tracking.redact_uri(tracking_uri) != tracking.redact_uri(plan.uri):
         console.print(f"[yellow]note:[/] resuming with the execution's tracking URI {tracking.redact_uri(plan.uri)}",
                       soft_wrap=True)
