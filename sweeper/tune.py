@@ -896,8 +896,8 @@ def _lean_tune() -> None:
     result, and ``tuner.fit`` reads every trial's ``result.json`` back into a DataFrame at
     the end. The metrics are in MLflow and the sweeper reads neither, so they are off
     unless ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` is set (``=0`` brings them back).
-    Checkpoints and the experiment state are unchanged (``CheckpointConfig(num_to_keep=1)``;
-    Tune paces its experiment-state writes to ~5 % of the driver's time)."""
+    Checkpoints are unchanged (``CheckpointConfig(num_to_keep=1)``); for the experiment
+    state see :func:`no_forced_state_sync`."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
