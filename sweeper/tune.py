@@ -109,6 +109,7 @@ class TuneReporter:
         self.logger = logger
         self.required = dict(required)
         self.last: dict[str, float] = {}
+        self.reported = False
 
     def tune_metrics(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         out = tracking.numeric_metrics(metrics)
@@ -122,6 +123,7 @@ class TuneReporter:
     def report(self, step: int, metrics: Mapping[str, Any], checkpoint: dict | None = None) -> None:
         from ray import tune
 
+        self.reported = True
         if self.logger is not None:
             self.logger.report(step, metrics)
         out = self.tune_metrics(metrics)
@@ -229,6 +231,10 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         from dmlcore.train import Trainer
 
         Trainer(cfg, reporter=reporter, progress=False).fit(resume=resume)
+        if not reporter.reported and logger is not None:
+            # killed after its last checkpoint, before its run was FINISHED: nothing was left
+            # to train, so hand Tune the metrics MLflow has (best_epoch included), as above
+            tune.report(reporter.tune_metrics(logger.last_metrics))
 
 
 class _FlatOnly:

@@ -83,3 +83,32 @@ def test_sigkilled_study_of_30_trials_resumes_without_a_duplicate_run(ray_sessio
         assert steps == [1], (key, steps)
     started = [ln for ln in out.getvalue().splitlines() if re.match(r"^\[\d+/\d+\]\s+started\b", ln)]
     assert len(started) == N - len(finished), started  # only the unfinished trials ran again
+
+
+def test_a_trial_killed_after_its_last_checkpoint_resumes_as_done(ray_session, tmp_path, mlflow_uri):
+    """The window the 30-trial kill sometimes hits, made deterministic: a trial whose last
+    checkpoint was written but whose run was not FINISHED yet (its run set back to RUNNING
+    here) is resumed from that checkpoint with nothing left to train; it must still come
+    back done, with its metric, in the leaderboard, not "stopped" without a value."""
+    import yaml
+
+    path = tmp_path / "window.yaml"
+    path.write_text(yaml.safe_dump({"name": "window", "base": BASE, "seeds": [0, 1], "max_concurrent": 2,
+                                    "metric": "test/recall_at_1", "mode": "max"}, sort_keys=False))
+    kw = dict(storage=tmp_path / "runs", tracking_uri=mlflow_uri, live=False, analyses=False)
+    first = run_study(load_study(path), console=Console(file=io.StringIO(), width=200), **kw)
+    assert [t.status for t in first.trials] == ["done", "done"]
+    tracker = tracking.Tracker(mlflow_uri)
+    victim = first.trials[1]
+    tracker.set_status(victim.run_id, "RUNNING")  # as if SIGKILLed before set_terminated
+    tracker.set_status(first.parent_run_id, "KILLED")
+
+    out = io.StringIO()
+    outcome = run_study(load_study(path), resume=True, console=Console(file=out, width=200), **kw)
+    assert "1 of 2 trials finished earlier" in out.getvalue(), out.getvalue()
+    again = {t.index: t for t in outcome.trials}[victim.index]
+    assert again.status == "done" and again.value == victim.value, (again, out.getvalue())
+    assert again.run_id == victim.run_id and tracker.get_run(victim.run_id).info.status == "FINISHED"
+    assert victim.index in {t.index for t in outcome.ranked()}
+    steps = [m.step for m in tracker.client.get_metric_history(victim.run_id, "train/loss")]
+    assert steps == [1], steps  # not trained again
