@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import re
 import signal
 import subprocess
@@ -46,7 +47,7 @@ def test_sigkilled_study_of_30_trials_resumes_without_a_duplicate_run(ray_sessio
     done = 0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             deadline = time.time() + 900  # a guard against a hang only: ~20 s on an idle machine
             while time.time() < deadline and proc.poll() is None and done < KILL_AT:

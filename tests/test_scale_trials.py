@@ -4,6 +4,7 @@ without scikit-learn's loader is the loader's data."""
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 import random
@@ -154,7 +155,7 @@ def test_trial_checkpoints_do_not_force_an_experiment_state_snapshot_during_a_st
     def manager():
         m = _ExperimentCheckpointManager.__new__(_ExperimentCheckpointManager)
         m._sync_every_n_trial_checkpoints = 1
-        m._trial_num_checkpoints_since_last_sync = __import__("collections").Counter()
+        m._trial_num_checkpoints_since_last_sync = collections.Counter()
         m._should_force_sync_up = False
         return m
 
