@@ -8,6 +8,11 @@ fresh view without unpickling any console or thread.
 
 On a terminal the view is a ``rich.live.Live`` table refreshed a few times a second;
 elsewhere (CI logs, pytest) it prints one line per trial state change.
+
+The view's cost per event and per refresh does not grow with the trials done (issue 20):
+the status counts and the best trial are tallied as rows change (:meth:`Row.__setattr__`
+tells the view), and a refresh draws the active rows, the latest failures and the best
+finished trials, never a sort of every row.
 """
 
 from __future__ import annotations
@@ -114,6 +119,18 @@ class Row:
     error: str | None = None
     last_result: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    view: "LiveView | None" = field(default=None, repr=False, compare=False)
+    """The view tallying this row: told of every change of ``status`` and ``best``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        view = self.__dict__.get("view")
+        if view is None or name not in ("status", "best"):
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__.get(name)
+        object.__setattr__(self, name, value)
+        if old != value:
+            view._changed(self, name, old)
 
     @property
     def name(self) -> str:
@@ -150,6 +167,15 @@ class LiveView:
         """What each trial asks Ray for (``{"CPU": 1, "GPU": 0.25}``): named when trials wait."""
         self._pending_since: float | None = None
         self._pending_said = False
+        # tallies kept as rows change (Row.__setattr__ -> _changed): O(1) per event
+        self._tally: dict[str, int] = {}
+        self._active: dict[str, Row] = {}
+        """Rows not finished (pending, running, retrying, paused): drawn every refresh."""
+        self._failed: dict[str, Row] = {}
+        """Failed rows in the order they failed (the latest are drawn)."""
+        self._top: list[Row] = []
+        """The best finished rows (at most ``max_rows``), best first."""
+        self._best: Row | None = None
 
     # --- lifecycle
     def __enter__(self) -> "LiveView":
@@ -181,14 +207,67 @@ class LiveView:
             index, over = trial_point(getattr(trial, "config", {}) or {})
             row = Row(tid, index, over)
             self.rows[tid] = row
+            self._tally[row.status] = self._tally.get(row.status, 0) + 1
+            self._active[tid] = row
+            row.view = self
         return row
+
+    _FINISHED = ("done", "stopped")
+
+    def _changed(self, row: Row, name: str, old: Any) -> None:
+        """``row.status`` or ``row.best`` changed from ``old``: update the tallies."""
+        if name == "status":
+            self._tally[old] = self._tally.get(old, 0) - 1
+            self._tally[row.status] = self._tally.get(row.status, 0) + 1
+            if row.status in self._FINISHED or row.status == "failed":
+                self._active.pop(row.trial_id, None)
+            else:
+                self._active[row.trial_id] = row
+            if row.status == "failed":
+                self._failed.pop(row.trial_id, None)
+                self._failed[row.trial_id] = row
+            elif old == "failed":
+                self._failed.pop(row.trial_id, None)
+        if any(r is row for r in self._top):
+            if row.status not in self._FINISHED or name == "best":
+                self._rebuild_top()  # a drawn finished row changed (a retry): rare, O(rows)
+        elif row.status in self._FINISHED and row.best is not None:
+            self._insert_top(row)
+        if name == "best":
+            if self.better(row.best, self._best.best if self._best is not None else None):
+                self._best = row
+            elif row is self._best:  # its best got worse (a trial that started over): rare
+                self._best = None
+                for r in self.rows.values():
+                    if r.best is not None and (self._best is None or self.better(r.best, self._best.best)):
+                        self._best = r
+
+    def _rebuild_top(self) -> None:
+        self._top = []
+        for r in self.rows.values():
+            if r.status in self._FINISHED and r.best is not None:
+                self._insert_top(r)
+
+    def _insert_top(self, row: Row) -> None:
+        at = len(self._top)
+        for i, r in enumerate(self._top):
+            if self.better(row.best, r.best):
+                at = i
+                break
+        if at < self.max_rows:
+            self._top.insert(at, row)
+            del self._top[self.max_rows:]
 
     # --- events (from LiveCallback)
     def sync(self, trials: Iterable[Any]) -> None:
         with self.lock:
             for t in trials:
-                row = self.row_for(t)
                 st = str(getattr(t, "status", "PENDING"))
+                known = self.rows.get(str(t.trial_id))
+                if known is not None and st in ("TERMINATED", "ERROR") and known.status in ("done", "stopped", "failed") \
+                        and known.last_result:
+                    continue  # finished and recorded: nothing to update
+                row = self.row_for(t)
                 if row.path is None:
                     row.path = getattr(t, "path", None) or getattr(t, "local_path", None)
                 if st == "PENDING" and row.status in ("failed", "retrying"):
@@ -278,18 +357,14 @@ class LiveView:
 
     def counts(self) -> dict[str, int]:
         out = {k: 0 for k in ("pending", "running", "done", "stopped", "failed")}
-        for r in self.rows.values():
-            key = "running" if r.status in ("retrying", "paused") else r.status
-            out[key] = out.get(key, 0) + 1
+        for status, n in self._tally.items():
+            key = "running" if status in ("retrying", "paused") else status
+            out[key] = out.get(key, 0) + n
         out["pending"] += max(0, self.total - len(self.rows))
         return out
 
     def best_row(self) -> Row | None:
-        best = None
-        for r in self.rows.values():
-            if r.best is not None and (best is None or self.better(r.best, best.best)):
-                best = r
-        return best
+        return self._best
 
     # --- trials that do not start
     def watch_pending(self, trials: Iterable[Any], now: float | None = None) -> str | None:
@@ -339,11 +414,17 @@ class LiveView:
         self._live.update(self.render())
 
     def render(self) -> Any:
+        # what is drawn: the active rows, the latest failures, the best finished rows, so a
+        # refresh costs O(active + max_rows) whatever the number of trials done
         with self.lock:
-            rows = list(self.rows.values())
-        order = {"running": 0, "retrying": 0, "paused": 1, "failed": 2, "done": 3, "stopped": 3, "pending": 4}
-        rows.sort(key=lambda r: (order.get(r.status, 5), r.index if r.index is not None else 0, r.trial_id))
-        shown = rows[: self.max_rows]
+            active = list(self._active.values())
+            failed = list(self._failed.values())[-self.max_rows:]
+            top = list(self._top)
+        order = {"running": 0, "retrying": 0, "paused": 1, "pending": 4}
+        active.sort(key=lambda r: (order.get(r.status, 5), r.index if r.index is not None else 0, r.trial_id))
+        now = [r for r in active if r.status != "pending"]
+        waiting = [r for r in active if r.status == "pending"]
+        shown = (now + failed + top + waiting)[: self.max_rows]
         table = Table(title=self.title or None, expand=False, show_lines=False)
         table.add_column("trial", no_wrap=True)
         for k in self.keys:
@@ -374,7 +455,7 @@ class LiveView:
             (f"best {self.metric} {fmt_metric(best.best)} ({best.name})  " if best else "", "bold green"),
             (f"{elapsed:.0f}s", "dim"),
         )
-        more = len(rows) - len(shown)
+        more = len(self.rows) - len(shown)
         parts: list[Any] = [table, summary]
         if more > 0:
             parts.insert(1, Text(f"… {more} more trials", style="dim"))
@@ -442,12 +523,20 @@ class LiveCallback(_TuneCallback):  # type: ignore[misc,valid-type]
         if v is not None and total_num_samples and total_num_samples > 0:
             v.total = max(v.total, int(total_num_samples))
 
+    SYNC_S = 1.0
+    """Seconds between two sweeps of every trial (a safety net: the events keep the rows
+    current); each sweep is O(trials), so it is paced by time, not run every step."""
+
     def on_step_end(self, iteration, trials, **info):
         v = self._view()
-        if v is not None and (v._live is not None or iteration % 20 == 0):
-            v.sync(trials)
-        if v is not None:
-            v.watch_pending(trials)
+        if v is None:
+            return
+        now = time.monotonic()
+        if now - getattr(v, "_last_sweep", 0.0) < (self.SYNC_S if v._live is not None else 10 * self.SYNC_S):
+            return
+        v._last_sweep = now
+        v.sync(trials)
+        v.watch_pending(trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if (v := self._view()) is not None:

@@ -109,6 +109,7 @@ class TuneReporter:
         self.logger = logger
         self.required = dict(required)
         self.last: dict[str, float] = {}
+        self.reported = False
 
     def tune_metrics(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         out = tracking.numeric_metrics(metrics)
@@ -122,6 +123,7 @@ class TuneReporter:
     def report(self, step: int, metrics: Mapping[str, Any], checkpoint: dict | None = None) -> None:
         from ray import tune
 
+        self.reported = True
         if self.logger is not None:
             self.logger.report(step, metrics)
         out = self.tune_metrics(metrics)
@@ -233,6 +235,10 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
         trainer = Trainer(cfg, reporter=reporter, progress=False)
         result = trainer.fit(resume=resume)
+        if not reporter.reported and logger is not None:
+            # killed after its last checkpoint, before its run was FINISHED: nothing was left
+            # to train, so hand Tune the metrics MLflow has (best_epoch included), as above
+            tune.report(reporter.tune_metrics(logger.last_metrics))
         log_selected_model(logger, trainer, result)  # the selected epoch's weights (never fails the trial)
         log_pictures(trainer, result, logger)  # never raises (eval.pictures: false: nothing)
 
@@ -567,6 +573,9 @@ class RunPlan:
     address: str | None = None
     num_cpus: int | None = None
     custom_storage: bool = False
+    earlier_runs: Any = field(default=None, repr=False, compare=False)
+    """On resume: a future of the execution's child runs, listed in a thread while Ray starts
+    and the preflight runs (:func:`prefetch_children`); None: listed when needed."""
 
     @property
     def exec_dir(self) -> Path:
@@ -714,17 +723,26 @@ def _write_state(exec_dir: Path, state: Mapping[str, Any]) -> None:
 def latest_checkpoint(exec_dir: Path, trial_id: str) -> Path | None:
     """The newest ``checkpoint.pt`` Tune kept for trial ``trial_id`` under ``exec_dir``
     (any attempt's experiment folder); a torch file, read with ``weights_only=True``."""
-    best: tuple[int, float, Path] | None = None
-    for tdir in exec_dir.rglob(f"trial_{trial_id}"):
-        for ck in tdir.glob("checkpoint_*/checkpoint.pt"):
-            try:
-                n = int(ck.parent.name.rsplit("_", 1)[-1])
-            except ValueError:
-                continue
-            key = (n, ck.stat().st_mtime, ck)
-            if best is None or key[:2] > best[:2]:
-                best = key
-    return best[2] if best else None
+    return checkpoint_index(exec_dir).get(trial_id)
+
+
+def checkpoint_index(exec_dir: Path) -> dict[str, Path]:
+    """trial_id -> the newest ``checkpoint.pt`` Tune kept for it under ``exec_dir`` (any
+    attempt), from ONE walk of the folder: :func:`latest_checkpoint` for every trial at
+    once (a resume of thousands of trials does not walk the storage once per trial)."""
+    best: dict[str, tuple[int, float, Path]] = {}
+    for ck in exec_dir.rglob("checkpoint_*/checkpoint.pt"):
+        tdir = ck.parent.parent.name
+        if not tdir.startswith("trial_"):
+            continue
+        try:
+            key = (int(ck.parent.name.rsplit("_", 1)[-1]), ck.stat().st_mtime, ck)
+        except (ValueError, OSError):
+            continue
+        tid = tdir[len("trial_"):]
+        if tid not in best or key[:2] > best[tid][:2]:
+            best[tid] = key
+    return {tid: v[2] for tid, v in best.items()}
 
 
 def _search_point(study: ResolvedStudy, params: Mapping[str, str]) -> dict[str, Any] | None:
@@ -750,12 +768,31 @@ def _search_point(study: ResolvedStudy, params: Mapping[str, str]) -> dict[str, 
     return point
 
 
+def prefetch_children(plan: RunPlan) -> None:
+    """On resume, start listing the execution's child runs (one paged ``search_runs``) in a
+    thread, so that on a store of thousands of runs the listing overlaps Ray's start-up and
+    the preflight instead of following them (issue 20: the time to the first new trial).
+    Its result, or its error, is taken by :func:`_read_earlier`."""
+    if not plan.resume or plan.earlier_runs is not None:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    exp, parent = plan.state["experiment_id"], plan.state["parent_run_id"]
+    pool = ThreadPoolExecutor(1, thread_name_prefix="sweeper-resume-listing")
+    plan.earlier_runs = pool.submit(lambda: tracking.Tracker(plan.uri).children(exp, parent))
+    pool.shutdown(wait=False)
+
+
 def _read_earlier(plan: RunPlan, rec: Record) -> None:
     """What an earlier attempt left, from MLflow (the child runs) and the checkpoints:
     finished trials are kept, unfinished ones continue from their latest checkpoint."""
     study, spec = plan.study, plan.study.spec
     by_index = {t.index: t for t in study.trials}
-    for run in rec.tracker.children(rec.experiment_id, rec.parent_run_id):
+    checkpoints: dict[str, Path] | None = None  # built on the first unfinished run, once
+    listed = plan.earlier_runs
+    runs = listed.result() if listed is not None and rec.parent_run_id == plan.state.get("parent_run_id") \
+        else rec.tracker.children(rec.experiment_id, rec.parent_run_id)
+    for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         key = tags.get(tracking.TAG_TRIAL_KEY)
         tid = tags.get(tracking.TAG_TRIAL_ID, "")
@@ -764,7 +801,9 @@ def _read_earlier(plan: RunPlan, rec: Record) -> None:
         except ValueError:
             index = None
         if run.info.status != "FINISHED":
-            ck = latest_checkpoint(plan.exec_dir, tid) if tid and index is not None else None
+            if checkpoints is None and tid and index is not None:
+                checkpoints = checkpoint_index(plan.exec_dir)
+            ck = checkpoints.get(tid) if checkpoints is not None and tid and index is not None else None
             if ck is not None and key:
                 rec.resume_from[key] = str(ck)
             continue
@@ -854,13 +893,57 @@ def launch(plan: RunPlan, rec: Record, ctx: TrialContext, view: Any) -> tuple[An
         callbacks=[livemod.LiveCallback()],
         verbose=0,
     )
+    _lean_tune()
     tuner = tune.Tuner(make_trainable(study, ctx), param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
-    with view:
+    with view, no_forced_state_sync():
         try:
             return _fit(tuner)
         except KeyboardInterrupt:
             return None, True
+
+
+def _lean_tune() -> None:
+    """What Tune writes per trial beyond what the sweeper uses (issue 20): its default
+    CSV/JSON/TensorBoard logger callbacks write ``params.json``, ``params.pkl``,
+    ``result.json``, ``progress.csv`` and an events file into every trial folder on every
+    result, and ``tuner.fit`` reads every trial's ``result.json`` back into a DataFrame at
+    the end. The metrics are in MLflow and the sweeper reads neither, so they are off
+    unless ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` is set (``=0`` brings them back).
+    Checkpoints are unchanged (``CheckpointConfig(num_to_keep=1)``); for the experiment
+    state see :func:`no_forced_state_sync`."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+@contextlib.contextmanager
+def no_forced_state_sync() -> Iterator[bool]:
+    """Tune without its experiment-state write on every trial checkpoint (issue 20).
+
+    With ``CheckpointConfig(num_to_keep=1)`` Tune's ``_ExperimentCheckpointManager`` is
+    built with ``sync_every_n_trial_checkpoints=1`` (ray/tune/execution/tune_controller.py,
+    ``_create_checkpoint_manager``), so every checkpoint any trial reports forces a full
+    experiment-state snapshot: all trials serialised into one JSON file (~23 KB per trial
+    measured here: 13 MB at 560 trials), an O(trials) write per checkpoint and O(trials^2)
+    over a study. The snapshot only serves ``Tuner.restore``, which the sweeper never uses
+    (resume reads MLflow and the checkpoint files, :func:`_read_earlier`); Tune's periodic
+    snapshot (``TUNE_GLOBAL_CHECKPOINT_S``, auto-paced to ~5 % of the driver's time) and
+    the one at the end stay. While the context is active the per-checkpoint trigger
+    (``on_trial_checkpoint``) is a no-op; yields whether it could be switched off (False
+    when this Ray has no such hook: nothing is changed then)."""
+    try:
+        from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as manager
+    except ImportError:  # pragma: no cover - another Ray layout
+        yield False
+        return
+    hook = manager.__dict__.get("on_trial_checkpoint")
+    if hook is None:  # pragma: no cover
+        yield False
+        return
+    manager.on_trial_checkpoint = lambda self, trial: None
+    try:
+        yield True
+    finally:
+        manager.on_trial_checkpoint = hook
 
 
 # ----------------------------------------------------------------------------- the run
@@ -885,6 +968,7 @@ def run_study(
     # 1. plan: which execution, where; nothing written
     plan = plan_run(study, address=address, num_cpus=num_cpus, resume=resume, storage=storage,
                     tracking_uri=tracking_uri)
+    prefetch_children(plan)
     if resume and tracking_uri and tracking.redact_uri(tracking_uri) != tracking.redact_uri(plan.uri):
         console.print(f"[yellow]note:[/] resuming with the execution's tracking URI {tracking.redact_uri(plan.uri)}",
                       soft_wrap=True)

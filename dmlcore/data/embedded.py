@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -320,16 +321,35 @@ def glyphs(
     return ArraySource("glyphs", images, labels, names, split, flip_ok=False)
 
 
-@functools.lru_cache(maxsize=4)
-def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 8 x 8 float64 in 0..16, targets) of scikit-learn's bundled digits: the
+    file ``load_digits`` reads (``sklearn/datasets/data/digits.csv.gz``), read the way it
+    reads it, without importing ``sklearn.datasets`` (0.6 s, scipy.stats included, in every
+    fresh trial worker; issue 20). Falls back to ``load_digits`` when the file is elsewhere."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package, imports nothing
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, mode="rt", encoding="utf-8") as fh:
+                data = np.loadtxt(fh, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # N x 1 x 8 x 8 in [0, 1]
+    return d.images, d.target
+
+
+@functools.lru_cache(maxsize=4)
+def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    images, target = digits_arrays()
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)  # N x 1 x 8 x 8 in [0, 1]
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8).expand(-1, 3, -1, -1).contiguous().numpy()
     x.setflags(write=False)
-    y = d.target.astype(np.int64)
+    y = target.astype(np.int64)
     y.setflags(write=False)
     return x, y
 

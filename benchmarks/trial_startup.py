@@ -1,0 +1,108 @@
+"""A trial's fixed start-up in a fresh worker process: imports and first-call costs.
+
+Runs, in a fresh Python process (`python -X importtime`), what a Ray worker does for its
+first trial (`sweeper.tune._run_trial`): import Ray Tune and the sweeper, open the MLflow
+store and the trial's run (params, tags, config.yaml), build and fit the tiny trial of
+`sweep_overhead.py` (digits, one epoch of 5 steps) reporting to MLflow; then fits the same
+trial again in the same process. Fixed start-up = (imports + first trial) - second trial.
+
+    python benchmarks/trial_startup.py [--tree PATH] [--repeat 3]
+
+`--tree` runs another checkout's code (e.g. a copy of main) for a before/after
+comparison. Prints the median over `--repeat` fresh processes and the largest imports
+(cumulative, top level) of the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from ray import tune  # noqa: F401  (a worker has Ray; the trial function imports Tune)
+from sweeper import tracking
+import sweeper.tune  # noqa: F401
+from dmlcore.config import from_dict
+from dmlcore.train import Trainer
+t_imports = time.perf_counter() - t0
+sys.path.insert(0, sys.argv[1])
+from sweep_overhead import BASE
+
+def trial(seed, uri):
+    cfg = from_dict({**BASE, "train": {**BASE["train"], "seed": seed}, "name": f"t{seed}"})
+    tracker = tracking.Tracker(uri)
+    exp = tracker.experiment_id("startup")
+    logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, {"role": "trial"}, f"startup/{seed}")
+    with tracking.recording(logger, killed=(SystemExit,)):
+        Trainer(cfg, reporter=logger, progress=False).fit()
+
+uri = sys.argv[2]
+t1 = time.perf_counter()
+trial(0, uri)
+t_first = time.perf_counter() - t1
+t2 = time.perf_counter()
+trial(1, uri)
+t_second = time.perf_counter() - t2
+lazy = sorted(m for m in ("scipy.stats", "torch._dynamo", "torch._inductor", "pytorch_metric_learning", "sklearn",
+                          "faiss", "pandas", "optuna") if m in sys.modules
+              and type(sys.modules[m]).__name__ != "_LazyModule")
+print("RESULT " + json.dumps({"imports": t_imports, "first": t_first, "second": t_second, "loaded": lazy}))
+"""
+
+
+def one(tree: Path, uri: str) -> tuple[dict, str]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "MPLBACKEND": "Agg", "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_LOGGING_LEVEL": "WARNING"}
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c", CHILD, str(HERE), uri], env=env,
+                       capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"the child failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return json.loads(line[7:]), p.stderr
+
+
+def top_imports(importtime: str, n: int = 8) -> list[tuple[float, str]]:
+    rows = []
+    for ln in importtime.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", ln)  # top level: no indent
+        if m:
+            rows.append((int(m.group(1)) / 1e6, m.group(2)))
+    return sorted(rows, reverse=True)[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tree", type=Path, default=HERE.parent, help="the checkout whose code runs")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="dml-startup-"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    one(args.tree, uri)  # creates the store (a schema migration, not a trial's cost)
+    res, imp = [], ""
+    for _ in range(args.repeat):
+        r, imp = one(args.tree, uri)
+        res.append(r)
+    med = {k: statistics.median(r[k] for r in res) for k in ("imports", "first", "second")}
+    fixed = med["imports"] + med["first"] - med["second"]
+    print(f"code: {args.tree}; load average {os.getloadavg()[0]:.1f}; median of {args.repeat} fresh processes")
+    print(f"imports {med['imports']:.2f} s, first trial {med['first']:.2f} s, second trial {med['second']:.2f} s: "
+          f"fixed start-up {fixed:.2f} s")
+    print("loaded by a tiny trial:", ", ".join(res[-1]["loaded"]))
+    print("largest top-level imports (cumulative s):")
+    for s, name in top_imports(imp):
+        print(f"  {s:6.2f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
