@@ -198,6 +198,7 @@ class Trainer:
         self.dp: distributed.DataParallel | None = None
         self._built = False
         self.best_embeddings: dict[str, tuple[torch.Tensor, np.ndarray]] | None = None
+        self._eval_embeddings: dict[str, tuple[torch.Tensor, np.ndarray]] | None = None  # the last evaluation's
         """Embeddings of the selected evaluation (``eval.pictures``): ``test`` (and ``gallery``
         for closed_set, ``train`` with embedding metrics) -> (embeddings, labels); None when the
         selected epoch came before a resume point (:mod:`dmlcore.pictures` then skips them)."""
@@ -563,7 +564,7 @@ class Trainer:
                         )
                     if key is None or not best or ev[key] > best.get(key, -math.inf):
                         best, best_epoch = dict(ev), epoch
-                        self.best_embeddings = self._eval_embeddings  # the pictures' (eval.pictures)
+                        self.best_embeddings = getattr(self, "_eval_embeddings", None)  # the pictures' (eval.pictures)
                         # The selected weights (a CPU copy): few-shot adapts them, the sweeper logs them.
                         self.best_state, self.best_state_epoch = _snapshot(self.model.state_dict()), epoch
                 if self.dp is not None:  # rank 0's numbers (its times) on every rank
