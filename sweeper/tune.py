@@ -135,21 +135,24 @@ class TuneReporter:
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+def run_trial(config: dict[str, Any], ctx: TrialContext, fit: Any = None) -> None:
     """The Tune trainable: one trial = one Trainer.fit (runs in a Ray worker).
+
+    ``fit(cfg, resume, logger, trial_id)`` replaces the Trainer call (a multi-worker
+    trial trains on its Ray Train workers, :mod:`sweeper.multi_worker`).
 
     An error whose message carries a secret (MLflow's "API request to
     http://user:PASSWORD@host/... failed") is replaced by its redacted one-line form
     before Tune stores it (the trial's error file in the storage folder, Ray's logs)."""
     try:
-        _run_trial(config, ctx)
+        _run_trial(config, ctx, fit)
     except Exception as err:
         if tracking.redact(str(err)) != str(err):
             raise RuntimeError(tracking.error_line(err)) from None
         raise
 
 
-def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+def _run_trial(config: dict[str, Any], ctx: TrialContext, fit: Any = None) -> None:
     from ray import tune
 
     if ctx.plugins:  # the user's registry entries, before the config is built
@@ -228,7 +231,10 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     ):
         from dmlcore.train import Trainer
 
-        Trainer(cfg, reporter=reporter, progress=False).fit(resume=resume)
+        if fit is not None:
+            fit(cfg, resume, logger, trial_id)
+        else:
+            Trainer(cfg, reporter=reporter, progress=False).fit(resume=resume)
 
 
 class _FlatOnly:
@@ -424,26 +430,36 @@ def build_tune_config(
             reduction_factor=sc.reduction_factor,
             brackets=sc.brackets,
         )
+    from . import multi_worker
+
     # metric/mode are given to the searcher and the scheduler themselves, not to
     # TuneConfig: they may differ (ASHA on another metric) and Tune refuses both.
     tune_config = tune.TuneConfig(
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=num_samples,
-        max_concurrent_trials=spec.max_concurrent,
-        reuse_actors=True,
+        max_concurrent_trials=multi_worker.max_concurrent(spec),
+        # a stopped multi-worker trial's actor cannot be reused (its driver is still in fit())
+        reuse_actors=spec.resources.workers == 1,
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_dirname,
     )
     return tune_config, param_space
 
 
-def make_trainable(study: ResolvedStudy, ctx: TrialContext) -> Any:
+def make_trainable(study: ResolvedStudy, ctx: TrialContext, exec_dir: Path | None = None) -> Any:
+    """The Tune trainable with its resources; ``resources.workers > 1``: the multi-worker
+    trial of :mod:`sweeper.multi_worker`, its Train runs stored in ``exec_dir``."""
     from ray import tune
 
-    res = {"cpu": float(study.spec.resources.cpu)}
-    if study.spec.resources.gpu:
-        res["gpu"] = float(study.spec.resources.gpu)
+    from . import multi_worker
+
+    spec = study.spec
+    res = multi_worker.trial_resources(spec.resources)
+    if spec.resources.workers > 1:
+        fn = tune.with_parameters(multi_worker.run_trial, ctx=ctx, resources=spec.resources.model_dump(),
+                                  storage=str(exec_dir or storage_root(spec.name)), max_failures=spec.max_failures)
+        return tune.with_resources(fn, res)
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), res)
 
 
@@ -509,9 +525,11 @@ def _resume_uri(stored: str, given: str | None, source: str) -> str:
     return stored
 
 
-def _init_ray(address: str | None, num_cpus: int | None, verbose: bool, plugins: list[str] | None = None) -> bool:
+def _init_ray(address: str | None, num_cpus: int | None, verbose: bool, plugins: list[str] | None = None,
+              workers: int = 1) -> bool:
     """Start or join Ray unless already initialised. Returns whether we started it.
-    ``plugins``: module names shipped to every worker (runtime_env ``py_modules`` + ``$DML_PLUGINS``)."""
+    ``plugins``: module names shipped to every worker (runtime_env ``py_modules`` + ``$DML_PLUGINS``).
+    ``workers``: the study's workers per trial (a local Ray gets what multi-worker trials need)."""
     import ray
 
     if ray.is_initialized():
@@ -529,7 +547,9 @@ def _init_ray(address: str | None, num_cpus: int | None, verbose: bool, plugins:
     elif address:
         ray.init(address=address, **kw)
     else:
-        ray.init(num_cpus=num_cpus, **kw)
+        from . import multi_worker
+
+        ray.init(num_cpus=num_cpus, **{**kw, **multi_worker.ray_init_kwargs(workers)})
     return True
 
 
@@ -707,7 +727,8 @@ def latest_checkpoint(exec_dir: Path, trial_id: str) -> Path | None:
     """The newest ``checkpoint.pt`` Tune kept for trial ``trial_id`` under ``exec_dir``
     (any attempt's experiment folder); a torch file, read with ``weights_only=True``."""
     best: tuple[int, float, Path] | None = None
-    for tdir in exec_dir.rglob(f"trial_{trial_id}"):
+    # a multi-worker trial's are its Train run's: <execution>/train-<trial id>/checkpoint_<epoch>/
+    for tdir in [*exec_dir.rglob(f"trial_{trial_id}"), *exec_dir.glob(f"train-{trial_id}")]:
         for ck in tdir.glob("checkpoint_*/checkpoint.pt"):
             try:
                 n = int(ck.parent.name.rsplit("_", 1)[-1])
@@ -841,12 +862,13 @@ def launch(plan: RunPlan, rec: Record, ctx: TrialContext, view: Any) -> tuple[An
     run_config = tune.RunConfig(
         name=plan.execution if attempt == 0 else f"resume-{attempt}",
         storage_path=str(plan.root if attempt == 0 else plan.exec_dir),
-        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        # a multi-worker trial's retries are its Train run's (all workers, from its checkpoint)
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures if spec.resources.workers == 1 else 0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=[livemod.LiveCallback()],
         verbose=0,
     )
-    tuner = tune.Tuner(make_trainable(study, ctx), param_space=param_space, tune_config=tune_config,
+    tuner = tune.Tuner(make_trainable(study, ctx, plan.exec_dir), param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
     with view:
         try:
@@ -894,7 +916,7 @@ def run_study(
     plugmod.load(plugin_mods, "plugins")
     if address is None:
         check_plan(plan)
-    started_ray = _init_ray(address, num_cpus, verbose, plugin_mods)
+    started_ray = _init_ray(address, num_cpus, verbose, plugin_mods, workers=study.spec.resources.workers)
     try:
         if address is not None:
             check_plan(plan)
@@ -999,6 +1021,7 @@ def _study_params(study: ResolvedStudy) -> dict[str, str]:
         "study.seeds": spec.seeds,
         "study.resources.cpu": spec.resources.cpu,
         "study.resources.gpu": spec.resources.gpu,
+        "study.resources.workers": spec.resources.workers,
         "study.max_concurrent": spec.max_concurrent,
         "study.quick": study.quick,
     }
