@@ -13,9 +13,11 @@ trial stays today's plain trial (:func:`sweeper.tune.run_trial`, no Train start-
   checkpoint to resume from) and then runs ``TorchTrainer.fit()``.
 * Each worker (:func:`worker_loop`) runs :class:`dmlcore.train.Trainer` with a
   :class:`TrainReporter`: every rank calls ``ray.train.report`` once per epoch (rank 0
-  with the checkpoint), only rank 0 logs to MLflow. ``TuneReportCallback`` hands rank
-  0's metrics to the trial's Tune session, so one epoch is one Tune result and ASHA
-  and Optuna work as for any trial.
+  with the checkpoint). :func:`TrialReportCallback` (Ray's ``TuneReportCallback``) hands
+  rank 0's metrics to the trial's Tune session, so one epoch is one Tune result and ASHA
+  and Optuna work as for any trial, and then logs rank 0's epoch to MLflow, once Tune has
+  taken it. (Deliberately not from the rank-0 worker itself: after an ASHA stop the
+  workers train on until Tune's kill reaches them, and their epochs would land in MLflow.)
 * Checkpoints: rank 0's, in ``<execution>/train-<trial id>/checkpoint_<epoch>/``;
   Train restores them on all workers on a retry (``ray.train.get_checkpoint``),
   ``sweeper run --resume`` finds them through :func:`sweeper.tune.latest_checkpoint`.

@@ -71,6 +71,19 @@ def load_study_resources(**kw):
     return Resources(**kw)
 
 
+def test_resume_finds_the_latest_train_checkpoint_of_a_trial(tmp_path):
+    from sweeper.tune import latest_checkpoint
+
+    for name in ("checkpoint_000001", "checkpoint_000003", "checkpoint_000002"):
+        d = tmp_path / "train-abc_00000" / name
+        d.mkdir(parents=True)
+        (d / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "train-abc_00001" / "checkpoint_000009").mkdir(parents=True)  # another trial
+    (tmp_path / "train-abc_00001" / "checkpoint_000009" / "checkpoint.pt").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path, "abc_00000") == tmp_path / "train-abc_00000" / "checkpoint_000003" / "checkpoint.pt"
+    assert latest_checkpoint(tmp_path, "abc_00002") is None
+
+
 def test_unknown_resources_key_is_refused():
     from sweeper.study import Resources
 
@@ -115,7 +128,7 @@ def test_two_worker_study_with_asha_finishes_and_the_trial_after_a_stopped_one_s
     assert _steps(mlflow_uri, runs[0].info.run_id) == [1, 2]  # every epoch Tune took, once
     assert _steps(mlflow_uri, runs[0].info.run_id, "test/recall_at_1") == [1, 2]
     assert _steps(mlflow_uri, runs[1].info.run_id) == [1]
-    train_dirs = list((tmp_path / "runs" / "mw").glob("*/train-*"))
+    train_dirs = list((tmp_path / "runs").glob("*/train-*"))
     assert len(train_dirs) == 2, train_dirs  # both trained through Ray Train
     print(f"2 two-worker trials with ASHA: {wall:.1f} s")
 
@@ -136,7 +149,7 @@ def test_sigkilled_multi_worker_study_resumes_from_its_checkpoint(ray_session, s
             while time.time() < deadline and proc.poll() is None:
                 runs = _children(mlflow_uri, "mwkill")
                 if runs and _steps(mlflow_uri, runs[0].info.run_id):
-                    ckpts = list((tmp_path / "runs" / "mwkill").glob("*/train-*/checkpoint_*/checkpoint.pt"))
+                    ckpts = list((tmp_path / "runs").glob("*/train-*/checkpoint_*/checkpoint.pt"))
                     if ckpts:
                         break
                 time.sleep(0.5)
