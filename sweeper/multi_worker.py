@@ -20,7 +20,8 @@ trial stays today's plain trial (:func:`sweeper.tune.run_trial`, no Train start-
   workers train on until Tune's kill reaches them, and their epochs would land in MLflow.)
 * Checkpoints: rank 0's, in ``<execution>/train-<trial id>/checkpoint_<epoch>/``;
   Train restores them on all workers on a retry (``ray.train.get_checkpoint``),
-  ``sweeper run --resume`` finds them through :func:`sweeper.tune.latest_checkpoint`.
+  ``sweeper run --resume`` finds them through :func:`sweeper.tune.latest_checkpoint`
+  (the newest whose epoch MLflow has: the workers run ahead of the MLflow log).
 * Against silent waits: the Train controller gives up on a worker group it cannot place
   after :data:`START_TIMEOUT_S` (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` when set) and
   :data:`CONTROLLER_FAILURE_LIMIT` retries; the preflight (:func:`check_workers`)
@@ -60,6 +61,8 @@ START_TIMEOUT_S = 120.0
 CONTROLLER_FAILURE_LIMIT = 1
 """Retries of a worker group that could not start (Train's default, -1, retries forever)."""
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+KEEP_CHECKPOINTS = 4
+"""Train checkpoints a multi-worker trial keeps (see :func:`train_fit`)."""
 
 
 # ----------------------------------------------------------------------------- placement
@@ -230,7 +233,10 @@ def train_fit(cfg: RunConfig, resume: Mapping[str, Any] | None, logger: tracking
             failure_config=ray.train.FailureConfig(
                 max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
             ),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # MLflow may lag the checkpoints by up to 3 epochs (one report waiting for Tune in
+            # the callback, one in the worker's queue, one written and waiting to be queued):
+            # --resume continues from the newest one MLflow has (tune.latest_checkpoint)
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
     try:

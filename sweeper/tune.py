@@ -723,16 +723,23 @@ def _write_state(exec_dir: Path, state: Mapping[str, Any]) -> None:
     os.replace(tmp, exec_dir / STATE_FILE)
 
 
-def latest_checkpoint(exec_dir: Path, trial_id: str) -> Path | None:
+def latest_checkpoint(exec_dir: Path, trial_id: str, logged_epoch: int | None = None) -> Path | None:
     """The newest ``checkpoint.pt`` Tune kept for trial ``trial_id`` under ``exec_dir``
-    (any attempt's experiment folder); a torch file, read with ``weights_only=True``."""
+    (any attempt's experiment folder); a torch file, read with ``weights_only=True``.
+
+    A multi-worker trial's are its Train run's, ``<execution>/train-<trial id>/checkpoint_<epoch>/``
+    (:mod:`sweeper.multi_worker`); its workers may have written a checkpoint of an epoch
+    MLflow has not got yet, so with ``logged_epoch`` (the last epoch in MLflow) only those
+    up to that epoch count."""
     best: tuple[int, float, Path] | None = None
-    # a multi-worker trial's are its Train run's: <execution>/train-<trial id>/checkpoint_<epoch>/
-    for tdir in [*exec_dir.rglob(f"trial_{trial_id}"), *exec_dir.glob(f"train-{trial_id}")]:
+    train_dirs = list(exec_dir.glob(f"train-{trial_id}"))
+    for tdir in [*exec_dir.rglob(f"trial_{trial_id}"), *train_dirs]:
         for ck in tdir.glob("checkpoint_*/checkpoint.pt"):
             try:
                 n = int(ck.parent.name.rsplit("_", 1)[-1])
             except ValueError:
+                continue
+            if tdir in train_dirs and logged_epoch is not None and n > logged_epoch:
                 continue
             key = (n, ck.stat().st_mtime, ck)
             if best is None or key[:2] > best[:2]:
@@ -777,7 +784,8 @@ def _read_earlier(plan: RunPlan, rec: Record) -> None:
         except ValueError:
             index = None
         if run.info.status != "FINISHED":
-            ck = latest_checkpoint(plan.exec_dir, tid) if tid and index is not None else None
+            logged = int(metrics.get("epoch", 0))
+            ck = latest_checkpoint(plan.exec_dir, tid, logged) if tid and index is not None else None
             if ck is not None and key:
                 rec.resume_from[key] = str(ck)
             continue
