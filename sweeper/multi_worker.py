@@ -103,18 +103,17 @@ def ray_init_kwargs(workers: int) -> dict[str, Any]:
     waits forever. The cleaner finds the API server by auto-detecting "the" Ray of its
     machine, which fails when the machine runs several; so the dashboard gets a free port
     chosen here and ``RAY_API_SERVER_ADDRESS`` names it to every process of this Ray
-    (set before ``ray.init``: the Ray processes inherit it; a value already set is kept)."""
+    (set before ``ray.init``: the Ray processes inherit it; one inherited from another
+    Ray, e.g. the parent's, would name the wrong one)."""
     kw: dict[str, Any] = {"resources": {TRIAL_DRIVER: DRIVER_SLOTS}}
     if workers > 1:
-        kw["include_dashboard"] = True
-        if API_SERVER_ENV not in os.environ:
-            import socket
+        import socket
 
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            kw["dashboard_port"] = port
-            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        kw["include_dashboard"], kw["dashboard_port"] = True, port
+        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     return kw
 
 
