@@ -12,7 +12,7 @@ the same process one after the other. Rank 0 times the training epochs after the
 
     python benchmarks/multi_worker.py                       # CPU: 1 vs 2 workers, 1 CPU each
     python benchmarks/multi_worker.py --workers 1 2 4 --gpu --backbone resnet50 --image-size 224 \\
-        --batch 112 --set model.pretrained=null             # 1 vs N GPUs (goal >= 1.8x at 2)
+        --batch 112                                         # 1 vs N GPUs (goal >= 1.8x at 2)
 
 Until the trainer is data-parallel (dmlcore splitting the global batch across the ranks
 of an initialised process group), every worker trains the whole batch and the N-worker
