@@ -198,6 +198,15 @@ def check_resources(ctx: Context) -> list[str]:
     return resource_problems(float(res.cpu), float(res.gpu), nodes, where)
 
 
+@check("workers")
+def check_workers(ctx: Context) -> list[str]:
+    """A multi-worker study (``resources.workers > 1``): its N x (cpu, gpu) workers fit on
+    the cluster, which offers what their trials need (:mod:`sweeper.multi_worker`)."""
+    from .multi_worker import check_workers as workers_check
+
+    return workers_check(ctx)
+
+
 # ----------------------------------------------------------------------------- paths
 def _existing_ancestor(p: Path) -> Path:
     cur = p

@@ -201,8 +201,13 @@ class SchedulerSpec(_Model):
 
 
 class Resources(_Model):
+    """What one trial asks for. ``workers: 1`` (default) is one plain trial process with
+    ``cpu``/``gpu``; ``workers: N > 1`` trains data-parallel on N Ray Train workers and
+    ``cpu``/``gpu`` are **per worker** (the trial holds N x cpu, N x gpu; docs/cluster.md)."""
+
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
+    workers: int = Field(1, ge=1)
 
     @field_validator("gpu")
     @classmethod

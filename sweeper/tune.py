@@ -137,21 +137,24 @@ class TuneReporter:
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+def run_trial(config: dict[str, Any], ctx: TrialContext, fit: Any = None) -> None:
     """The Tune trainable: one trial = one Trainer.fit (runs in a Ray worker).
+
+    ``fit(cfg, resume, logger, trial_id)`` replaces the Trainer call (a multi-worker
+    trial trains on its Ray Train workers, :mod:`sweeper.multi_worker`).
 
     An error whose message carries a secret (MLflow's "API request to
     http://user:PASSWORD@host/... failed") is replaced by its redacted one-line form
     before Tune stores it (the trial's error file in the storage folder, Ray's logs)."""
     try:
-        _run_trial(config, ctx)
+        _run_trial(config, ctx, fit)
     except Exception as err:
         if tracking.redact(str(err)) != str(err):
             raise RuntimeError(tracking.error_line(err)) from None
         raise
 
 
-def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+def _run_trial(config: dict[str, Any], ctx: TrialContext, fit: Any = None) -> None:
     from ray import tune
 
     if ctx.plugins:  # the user's registry entries, before the config is built
@@ -233,6 +236,9 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         from .models import log_selected_model
         from .pictures import log_pictures
 
+        if fit is not None:  # a multi-worker trial: its rank 0 logs the model and the pictures
+            fit(cfg, resume, logger, trial_id)
+            return
         trainer = Trainer(cfg, reporter=reporter, progress=False)
         result = trainer.fit(resume=resume)
         if not reporter.reported and logger is not None:
@@ -436,26 +442,36 @@ def build_tune_config(
             reduction_factor=sc.reduction_factor,
             brackets=sc.brackets,
         )
+    from . import multi_worker
+
     # metric/mode are given to the searcher and the scheduler themselves, not to
     # TuneConfig: they may differ (ASHA on another metric) and Tune refuses both.
     tune_config = tune.TuneConfig(
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=num_samples,
-        max_concurrent_trials=spec.max_concurrent,
-        reuse_actors=True,
+        max_concurrent_trials=multi_worker.max_concurrent(spec),
+        # a stopped multi-worker trial's actor cannot be reused (its driver is still in fit())
+        reuse_actors=spec.resources.workers == 1,
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_dirname,
     )
     return tune_config, param_space
 
 
-def make_trainable(study: ResolvedStudy, ctx: TrialContext) -> Any:
+def make_trainable(study: ResolvedStudy, ctx: TrialContext, exec_dir: Path | None = None) -> Any:
+    """The Tune trainable with its resources; ``resources.workers > 1``: the multi-worker
+    trial of :mod:`sweeper.multi_worker`, its Train runs stored in ``exec_dir``."""
     from ray import tune
 
-    res = {"cpu": float(study.spec.resources.cpu)}
-    if study.spec.resources.gpu:
-        res["gpu"] = float(study.spec.resources.gpu)
+    from . import multi_worker
+
+    spec = study.spec
+    res = multi_worker.trial_resources(spec.resources)
+    if spec.resources.workers > 1:
+        fn = tune.with_parameters(multi_worker.run_trial, ctx=ctx, resources=spec.resources.model_dump(),
+                                  storage=str(exec_dir or storage_root(spec.name)), max_failures=spec.max_failures)
+        return tune.with_resources(fn, res)
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), res)
 
 
@@ -521,9 +537,11 @@ def _resume_uri(stored: str, given: str | None, source: str) -> str:
     return stored
 
 
-def _init_ray(address: str | None, num_cpus: int | None, verbose: bool, plugins: list[str] | None = None) -> bool:
+def _init_ray(address: str | None, num_cpus: int | None, verbose: bool, plugins: list[str] | None = None,
+              workers: int = 1) -> bool:
     """Start or join Ray unless already initialised. Returns whether we started it.
-    ``plugins``: module names shipped to every worker (runtime_env ``py_modules`` + ``$DML_PLUGINS``)."""
+    ``plugins``: module names shipped to every worker (runtime_env ``py_modules`` + ``$DML_PLUGINS``).
+    ``workers``: the study's workers per trial (a local Ray gets what multi-worker trials need)."""
     import ray
 
     if ray.is_initialized():
@@ -541,7 +559,9 @@ def _init_ray(address: str | None, num_cpus: int | None, verbose: bool, plugins:
     elif address:
         ray.init(address=address, **kw)
     else:
-        ray.init(num_cpus=num_cpus, **kw)
+        from . import multi_worker
+
+        ray.init(num_cpus=num_cpus, **{**kw, **multi_worker.ray_init_kwargs(workers)})
     return True
 
 
@@ -720,29 +740,50 @@ def _write_state(exec_dir: Path, state: Mapping[str, Any]) -> None:
     os.replace(tmp, exec_dir / STATE_FILE)
 
 
-def latest_checkpoint(exec_dir: Path, trial_id: str) -> Path | None:
+def latest_checkpoint(exec_dir: Path, trial_id: str, logged_epoch: int | None = None) -> Path | None:
     """The newest ``checkpoint.pt`` Tune kept for trial ``trial_id`` under ``exec_dir``
-    (any attempt's experiment folder); a torch file, read with ``weights_only=True``."""
-    return checkpoint_index(exec_dir).get(trial_id)
+    (any attempt's experiment folder); a torch file, read with ``weights_only=True``.
+
+    A multi-worker trial's are its Train run's, ``<execution>/train-<trial id>/checkpoint_<epoch>/``
+    (:mod:`sweeper.multi_worker`); its workers may have written a checkpoint of an epoch
+    MLflow has not got yet, so with ``logged_epoch`` (the last epoch in MLflow) only those
+    up to that epoch count."""
+    return newest_checkpoint(checkpoint_candidates(exec_dir).get(trial_id, []), logged_epoch)
 
 
 def checkpoint_index(exec_dir: Path) -> dict[str, Path]:
-    """trial_id -> the newest ``checkpoint.pt`` Tune kept for it under ``exec_dir`` (any
-    attempt), from ONE walk of the folder: :func:`latest_checkpoint` for every trial at
-    once (a resume of thousands of trials does not walk the storage once per trial)."""
-    best: dict[str, tuple[int, float, Path]] = {}
+    """trial_id -> its newest ``checkpoint.pt`` under ``exec_dir`` (:func:`checkpoint_candidates`)."""
+    found = {tid: newest_checkpoint(c) for tid, c in checkpoint_candidates(exec_dir).items()}
+    return {tid: p for tid, p in found.items() if p is not None}
+
+
+def checkpoint_candidates(exec_dir: Path) -> dict[str, list[tuple[int, float, Path, bool]]]:
+    """trial_id -> every ``checkpoint.pt`` kept for it under ``exec_dir`` as ``(epoch, mtime,
+    path, of_a_train_run)`` (Tune's ``trial_<id>`` folders of any attempt, a multi-worker
+    trial's ``train-<id>`` run), from ONE walk of the folder: :func:`latest_checkpoint` for
+    every trial at once (a resume of thousands of trials does not walk the storage once per
+    trial)."""
+    found: dict[str, list[tuple[int, float, Path, bool]]] = {}
     for ck in exec_dir.rglob("checkpoint_*/checkpoint.pt"):
         tdir = ck.parent.parent.name
-        if not tdir.startswith("trial_"):
+        if tdir.startswith("trial_"):
+            tid, train = tdir[len("trial_"):], False
+        elif tdir.startswith("train-"):
+            tid, train = tdir[len("train-"):], True
+        else:
             continue
         try:
-            key = (int(ck.parent.name.rsplit("_", 1)[-1]), ck.stat().st_mtime, ck)
+            found.setdefault(tid, []).append((int(ck.parent.name.rsplit("_", 1)[-1]), ck.stat().st_mtime, ck, train))
         except (ValueError, OSError):
             continue
-        tid = tdir[len("trial_"):]
-        if tid not in best or key[:2] > best[tid][:2]:
-            best[tid] = key
-    return {tid: v[2] for tid, v in best.items()}
+    return found
+
+
+def newest_checkpoint(found: list[tuple[int, float, Path, bool]], logged_epoch: int | None = None) -> Path | None:
+    """The newest of one trial's :func:`checkpoint_index` entries; a Train run's only up to
+    ``logged_epoch`` (the epoch MLflow has) when given."""
+    ok = [c for c in found if not (c[3] and logged_epoch is not None and c[0] > logged_epoch)]
+    return max(ok, key=lambda c: c[:2])[2] if ok else None
 
 
 def _search_point(study: ResolvedStudy, params: Mapping[str, str]) -> dict[str, Any] | None:
@@ -788,7 +829,7 @@ def _read_earlier(plan: RunPlan, rec: Record) -> None:
     finished trials are kept, unfinished ones continue from their latest checkpoint."""
     study, spec = plan.study, plan.study.spec
     by_index = {t.index: t for t in study.trials}
-    checkpoints: dict[str, Path] | None = None  # built on the first unfinished run, once
+    checkpoints: dict[str, list[tuple[int, float, Path, bool]]] | None = None  # built on the first unfinished run, once
     listed = plan.earlier_runs
     runs = listed.result() if listed is not None and rec.parent_run_id == plan.state.get("parent_run_id") \
         else rec.tracker.children(rec.experiment_id, rec.parent_run_id)
@@ -802,8 +843,9 @@ def _read_earlier(plan: RunPlan, rec: Record) -> None:
             index = None
         if run.info.status != "FINISHED":
             if checkpoints is None and tid and index is not None:
-                checkpoints = checkpoint_index(plan.exec_dir)
-            ck = checkpoints.get(tid) if checkpoints is not None and tid and index is not None else None
+                checkpoints = checkpoint_candidates(plan.exec_dir)
+            logged = int(metrics.get("epoch", 0))
+            ck = newest_checkpoint(checkpoints.get(tid, []), logged) if checkpoints is not None and tid and index is not None else None
             if ck is not None and key:
                 rec.resume_from[key] = str(ck)
             continue
@@ -888,13 +930,14 @@ def launch(plan: RunPlan, rec: Record, ctx: TrialContext, view: Any) -> tuple[An
     run_config = tune.RunConfig(
         name=plan.execution if attempt == 0 else f"resume-{attempt}",
         storage_path=str(plan.root if attempt == 0 else plan.exec_dir),
-        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        # a multi-worker trial's retries are its Train run's (all workers, from its checkpoint)
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures if spec.resources.workers == 1 else 0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=[livemod.LiveCallback()],
         verbose=0,
     )
     _lean_tune()
-    tuner = tune.Tuner(make_trainable(study, ctx), param_space=param_space, tune_config=tune_config,
+    tuner = tune.Tuner(make_trainable(study, ctx, plan.exec_dir), param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
     with view, no_forced_state_sync():
         try:
@@ -986,7 +1029,7 @@ def run_study(
     plugmod.load(plugin_mods, "plugins")
     if address is None:
         check_plan(plan)
-    started_ray = _init_ray(address, num_cpus, verbose, plugin_mods)
+    started_ray = _init_ray(address, num_cpus, verbose, plugin_mods, workers=study.spec.resources.workers)
     try:
         if address is not None:
             check_plan(plan)
@@ -1095,6 +1138,7 @@ def _study_params(study: ResolvedStudy) -> dict[str, str]:
         "study.seeds": spec.seeds,
         "study.resources.cpu": spec.resources.cpu,
         "study.resources.gpu": spec.resources.gpu,
+        "study.resources.workers": spec.resources.workers,
         "study.max_concurrent": spec.max_concurrent,
         "study.quick": study.quick,
     }

@@ -65,6 +65,8 @@ def ray_session():
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from sweeper.multi_worker import ray_init_kwargs
+
     started = False
     if not ray.is_initialized():
         ray.init(
@@ -72,7 +74,9 @@ def ray_session():
             # one GPU as a logical resource only (none is used: trials train on the CPU), so
             # that fractional-GPU packing is exercised on machines without one
             num_gpus=1,
-            include_dashboard=False,
+            # what the sweeper's own ray.init gives a multi-worker study (sweeper/multi_worker.py):
+            # the drivers' custom resource, and the dashboard Train's placement-group cleaner needs
+            **ray_init_kwargs(workers=2),
             log_to_driver=False,
             logging_level=logging.WARNING,
         )
