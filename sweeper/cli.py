@@ -10,6 +10,7 @@ STUDY is a study file, its stem (``fair_benchmark``) or the study's name
     sweeper list [KIND]                                      registries and their parameters
     sweeper keys [PREFIX]                                    every config key with its default
     sweeper ui [--port P] [--host H]                         MLflow UI on the same store
+    sweeper dashboard [STUDY|EXECUTION] [--port P]           optuna-dashboard on a search's Optuna study
     sweeper weights list | fetch BACKBONE                    ImageNet weights in the torch hub cache
 
 A user error (bad key, unknown registry name, missing data, ...) is one red line on
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     u.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     u.add_argument("--print-command", action="store_true", help=argparse.SUPPRESS)
+    _dashboard.add_parser(sub)
     for sp_ in sub.choices.values():  # every command: the user's own registry entries (docs/plugins.md)
         sp_.add_argument(
             "--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
@@ -656,6 +658,9 @@ COMMANDS = {
     "list": cmd_list, "keys": cmd_keys, "ui": cmd_ui, "splits": cmd_splits,
     "weights": cmd_weights,
 }
+from . import dashboard as _dashboard  # noqa: E402  (sweeper dashboard: its own module)
+
+COMMANDS["dashboard"] = _dashboard.cmd_dashboard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
