@@ -379,13 +379,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         exp = tracker.experiment_id(args.experiment or cfg.name)
         from dmlcore.oodml.published import split_tags
 
-        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, {**tracking.single_run_tags(), **split_tags(cfg)})
+        from . import conventions  # the experiment kind, source and user (sweeper/conventions.py)
+
+        conventions.set_experiment_tags(tracker, exp, {conventions.EXPERIMENT_KIND_TAG: conventions.EXPERIMENT_KIND})
+        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, {**tracking.single_run_tags(), **split_tags(cfg),
+                                                                    **conventions.source_tags(args.config)})
         console.print(f"[dim]MLflow run {logger.run_id} at {tracking.redact_uri(tracker.uri)}[/dim]", soft_wrap=True)
     reporter = _TrainReporter(logger, args.checkpoint)
+    from .conventions import log_split, system_metrics
     from .tracking import recording
 
-    with recording(logger, killed=(KeyboardInterrupt,)):
-        result = Trainer(cfg, reporter=reporter, progress=True).fit(resume=args.resume)
+    run_id, uri = (logger.run_id, logger.tracker.uri) if logger is not None else (None, None)
+    with recording(logger, killed=(KeyboardInterrupt,)), system_metrics(run_id, uri):
+        trainer = Trainer(cfg, reporter=reporter, progress=True)
+        if logger is not None:  # the split as the run's dataset inputs
+            log_split(logger.tracker, logger.run_id, trainer.build().data)
+        result = trainer.fit(resume=args.resume)
     console.print(result_table(result))
     if args.json:
         import json

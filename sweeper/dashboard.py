@@ -17,7 +17,7 @@ from typing import Any
 
 from dmlcore.config import ConfigError
 
-EXAMPLE = "example: sweeper dashboard studies/quickstart.yaml --port 8081"
+EXAMPLE = "example: sweeper dashboard my_search --port 8081   (the latest execution of the search study my_search)"
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

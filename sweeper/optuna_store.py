@@ -134,6 +134,7 @@ class OptunaStore:
         import optuna
         from optuna.trial import TrialState
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB ..." per attempt
         if self.study_id() is None:
             study = optuna.create_study(storage=self.storage, study_name=self.name, direction=direction)
             for point, value in evaluated:  # an execution from before the storage: once, here

@@ -413,8 +413,6 @@ def build_tune_config(
         if store is not None:  # the persisted study: its finished trials used `counted` samples
             from .optuna_store import searcher_class
 
-            optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB ..."
-
             search_alg = searcher_class()(
                 space=optuna_space(study), metric=spec.metric, mode=spec.mode, sampler=sampler,
                 storage=store.storage, study_name=store.name, execution=store.execution,

@@ -67,3 +67,24 @@ def test_a_trial_run_has_system_metrics_split_inputs_and_the_experiment_kind(ray
         assert di.dataset.digest == expected, side
         assert {tg.key: tg.value for tg in di.tags}["mlflow.data.context"] == side
         assert json.loads(di.dataset.profile)["num_samples"] == len(files)
+
+
+def test_sweeper_train_follows_the_same_conventions(tmp_path, mlflow_uri, monkeypatch):
+    from sweeper.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    sets = ["data.dataset=digits", "data.image_size=16", "data.augmentation=none",
+            "model.backbone_params={width: 8, depth: 2}", "model.embed_dim=16", "batch.size=32",
+            "batch.samples_per_class=8", "batch.iterations_per_epoch=2", "train.epochs=1", "train.device=cpu",
+            "eval.recall_k=[1]", "eval.clustering=false", "eval.embedding_metrics=false", "eval.on_init=false"]
+    args = ["train", "--tracking-uri", mlflow_uri, "--experiment", "single"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    t = tracking.Tracker(mlflow_uri)
+    exp = t.client.get_experiment_by_name("single")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = t.search([exp.experiment_id], "")
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert run.data.tags["mlflow.user"] == getpass.getuser() and run.data.tags["mlflow.source.name"] == "sweeper"
+    assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["digits/test", "digits/train"]
