@@ -19,7 +19,7 @@ from sweeper.study import load_study
 from sweeper.tune import run_study
 
 SEARCH = {
-    "samples": 3,
+    "samples": 4,
     "sampler": "random",
     "seed": 3,
     "space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
@@ -83,16 +83,16 @@ def test_ctrl_c_then_resume_keeps_every_trial_once_and_proposes_no_point_twice(
     assert state["optuna_storage"] == f"sqlite:///{exec_dir.resolve() / 'optuna.db'}"
     before = _optuna_trials(exec_dir, state["optuna_study"])
     finished_before = [t for t in before if t.state.name == "COMPLETE"]
-    assert 1 <= len(finished_before) < 3, (before, log_path.read_text())
+    assert 1 <= len(finished_before) < 4, (before, log_path.read_text())
 
     out = io.StringIO()
     outcome = run_study(load_study(path), storage=tmp_path / "runs", tracking_uri=mlflow_uri, resume=True,
                         console=Console(file=out, width=200), live=False)
-    assert [t.status for t in outcome.trials] == ["done"] * 3, out.getvalue()
+    assert [t.status for t in outcome.trials] == ["done"] * 4, out.getvalue()
 
     trials = _optuna_trials(exec_dir, state["optuna_study"])
-    # every trial once: 3 samples, 3 Optuna trials, all complete, numbered 0..2
-    assert sorted(t.number for t in trials) == [0, 1, 2], trials
+    # every trial once: 4 samples, 4 Optuna trials, all complete, numbered 0..3
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3], trials
     assert all(t.state.name == "COMPLETE" for t in trials), [t.state for t in trials]
     # the trials finished before the Ctrl-C are the same ones, not added again; the one
     # running at the Ctrl-C was handed out again with its number and parameters
@@ -103,17 +103,17 @@ def test_ctrl_c_then_resume_keeps_every_trial_once_and_proposes_no_point_twice(
         assert after[t.number].params == t.params
     # no point proposed twice (a continuous space: only a replayed proposal repeats)
     points = [t.params["optim.lr"] for t in trials]
-    assert len(set(points)) == 3, points
+    assert len(set(points)) == 4, points
     # MLflow agrees: one FINISHED run per Optuna trial, linked both ways
     runs = [r for r in _children(mlflow_uri, "persisted") if r.info.status == "FINISHED"]
-    assert len(runs) == 3
-    assert sorted(int(r.data.tags["optuna_trial"]) for r in runs) == [0, 1, 2]
+    assert len(runs) == 4
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in runs) == [0, 1, 2, 3]
     by_key = {r.data.tags["trial_key"]: r for r in runs}
     for t in trials:
         run = by_key[t.user_attrs["trial_key"]]
         assert int(run.data.tags["optuna_trial"]) == t.number
         assert float(run.data.params["optim.lr"]) == pytest.approx(t.params["optim.lr"], rel=1e-12)
-    assert len({r.data.params["optim.lr"] for r in runs}) == 3
+    assert len({r.data.params["optim.lr"] for r in runs}) == 4
 
 
 # ----------------------------------------------------------------------------- without Ray
@@ -264,3 +264,47 @@ def test_dashboard_finds_a_study_by_name_and_refuses_a_grid(tmp_path, monkeypatc
     assert main(["dashboard", str(grid)]) == 2
     err = capsys.readouterr().err
     assert "has no Optuna study: it is a grid" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_postgresql_storage_keeps_executions_apart_and_resumes_without_its_password_on_disk(tmp_path, study_file):
+    """``search.storage: postgresql+psycopg2://...`` (a throwaway cluster, as the tracking
+    server tests use): the preflight reaches it, each execution is its own study in the
+    one database, sweeper.json keeps the URL without the password, and a resume (the
+    password from the study) hands the interrupted trial out again."""
+    import optuna
+    import secrets
+
+    pytest.importorskip("psycopg2", reason="psycopg2-binary is in the 'test' extra")
+    from test_tracking_server import Postgres
+
+    from sweeper import optuna_store, preflight
+
+    pg = Postgres()
+    try:
+        pg.start()
+        password = "pw-" + secrets.token_urlsafe(8)
+        url = pg.create_db("optuna", "opt", password)
+        study = load_study(study_file("pgsearch", search={**SEARCH, "storage": url}))
+        assert preflight.run_checks(preflight.Context(study, tmp_path, "sqlite://"), ["optuna"]) == []
+        stores = {}
+        for execution in ("e1", "e2"):
+            store = optuna_store.for_execution(study, execution, tmp_path / execution)
+            store.prepare("maximize", _space(), {}, evaluated=[])
+            ot = optuna.load_study(study_name=store.name, storage=store.storage)
+            trial = ot.ask(_space())  # proposed, then the driver is interrupted
+            trial.set_user_attr("trial_key", f"{execution}/t0")
+            stores[execution] = (store, trial)
+        assert sorted(s.study_name for s in optuna.get_all_study_summaries(url)) == ["pgsearch/e1", "pgsearch/e2"]
+        state = optuna_store.state_entries(stores["e1"][0])
+        assert password not in json.dumps(state) and state["optuna_storage"].count("***") == 1
+        # --resume of e1: the URL from sweeper.json, its password from the study's search.storage
+        again = optuna_store.for_execution(study, "e1", tmp_path / "e1", state)
+        assert again.url == url and again.name == "pgsearch/e1"
+        again.prepare("maximize", _space(), {}, evaluated=[])
+        assert (again.counted, again.requeued) == (0, 1)
+        first = stores["e1"][1]
+        handed = optuna.load_study(study_name=again.name, storage=again.storage).ask(_space())
+        assert (handed.number, handed.params) == (first.number, first.params)
+    finally:
+        pg.stop()
