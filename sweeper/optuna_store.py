@@ -29,7 +29,7 @@ This module imports Optuna lazily (the preflight check registered here, too).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -102,7 +102,7 @@ class OptunaStore:
     """Trials that were RUNNING at the interruption and are handed out again first."""
     seeded: int = 0
     """Finished MLflow trials added as evaluated points (a study that had no storage yet)."""
-    _storage: Any = None
+    _storage: Any = field(default=None, repr=False)
 
     @property
     def storage(self) -> Any:
@@ -111,19 +111,10 @@ class OptunaStore:
         return self._storage
 
     def study_id(self) -> int | None:
-        import optuna
-
         try:
             return self.storage.get_study_id_from_name(self.name)
-        except KeyError:
+        except KeyError:  # RDBStorage: no study of that name
             return None
-        except optuna.exceptions.OptunaError:  # pragma: no cover - older Optuna
-            return None
-
-    def load(self) -> Any:
-        import optuna
-
-        return optuna.load_study(study_name=self.name, storage=self.storage)
 
     def prepare(self, direction: str, space: Mapping[str, Any], finished: Mapping[str, float],
                 evaluated: list[tuple[dict[str, Any], float]]) -> None:
