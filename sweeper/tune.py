@@ -21,8 +21,9 @@
   trials an earlier attempt finished come from MLflow (child runs by ``trial_key``) and
   are not re-run; the others start again in a new Tune experiment
   ``<execution>/resume-<n>/``, each from its latest checkpoint (a torch file read with
-  ``weights_only=True``) in its own MLflow run; a search gives Optuna the finished
-  points with their metric.
+  ``weights_only=True``) in its own MLflow run; a search continues its persisted
+  Optuna study (:mod:`sweeper.optuna_store`: every finished trial once, the interrupted
+  ones handed out again, no point proposed twice).
 """
 
 from __future__ import annotations
