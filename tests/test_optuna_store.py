@@ -3,7 +3,6 @@ every trial in the storage once, no point proposed twice; ``sweeper dashboard`` 
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 import subprocess
@@ -11,12 +10,10 @@ import sys
 import time
 
 import pytest
-from rich.console import Console
 
 from conftest import TINY_BASE
 from sweeper import tracking
 from sweeper.study import load_study
-from sweeper.tune import run_study
 
 SEARCH = {
     "samples": 4,
@@ -61,7 +58,7 @@ def _complete(root) -> int:
 
 @pytest.mark.slow
 def test_ctrl_c_then_resume_keeps_every_trial_once_and_proposes_no_point_twice(
-        ray_session, study_file, tmp_path, mlflow_uri):
+        ray_session, study_file, tmp_path, mlflow_uri, monkeypatch, capsys):
     path = study_file("persisted", base=ONE_EPOCH, search=SEARCH, max_concurrent=1)
     cmd = [sys.executable, "-m", "sweeper.cli", "run", str(path), "--address", ray_session,
            "--storage", str(tmp_path / "runs"), "--tracking-uri", mlflow_uri, "--no-live"]
@@ -85,10 +82,13 @@ def test_ctrl_c_then_resume_keeps_every_trial_once_and_proposes_no_point_twice(
     finished_before = [t for t in before if t.state.name == "COMPLETE"]
     assert 1 <= len(finished_before) < 4, (before, log_path.read_text())
 
-    out = io.StringIO()
-    outcome = run_study(load_study(path), storage=tmp_path / "runs", tracking_uri=mlflow_uri, resume=True,
-                        console=Console(file=out, width=200), live=False)
-    assert [t.status for t in outcome.trials] == ["done"] * 4, out.getvalue()
+    from sweeper.cli import main  # `sweeper run STUDY --resume`, in this process (Ray is up)
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--resume", "--address", ray_session, "--storage", str(tmp_path / "runs"),
+                 "--tracking-uri", mlflow_uri, "--no-live"]) == 0, capsys.readouterr()
+    parent = tracking.Tracker(mlflow_uri).get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials_done"] == "4", parent.data.tags
 
     trials = _optuna_trials(exec_dir, state["optuna_study"])
     # every trial once: 4 samples, 4 Optuna trials, all complete, numbered 0..3
