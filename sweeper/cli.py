@@ -12,6 +12,7 @@ STUDY is a study file, its stem (``fair_benchmark``) or the study's name
     sweeper --version                                        package version (and git commit of a checkout)
     sweeper keys [PREFIX]                                    every config key with its default
     sweeper ui [--port P] [--host H]                         MLflow UI on the same store
+    sweeper dashboard [STUDY|EXECUTION] [--port P]           optuna-dashboard on a search's Optuna study
     sweeper weights list | fetch BACKBONE                    ImageNet weights in the torch hub cache
 
 A user error (bad key, unknown registry name, missing data, ...) is one red line on
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_models
 
     cli_models.add_parsers(sub, add_set)  # embed, retrieve: a run's selected model
+    _dashboard.add_parser(sub)
     add_cli_examples(sub.choices)
     for sp_ in sub.choices.values():  # every command: the user's own registry entries (docs/plugins.md)
         sp_.add_argument(
@@ -414,13 +416,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         exp = tracker.experiment_id(args.experiment or cfg.name)
         from dmlcore.oodml.published import split_tags
 
-        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, {**tracking.single_run_tags(), **split_tags(cfg)})
+        from . import conventions  # the experiment kind, source and user (sweeper/conventions.py)
+
+        conventions.set_experiment_tags(tracker, exp, {conventions.EXPERIMENT_KIND_TAG: conventions.EXPERIMENT_KIND})
+        logger, _ = tracking.open_run(tracker, exp, cfg.name, cfg, {**tracking.single_run_tags(), **split_tags(cfg),
+                                                                    **conventions.source_tags(args.config)})
         console.print(f"[dim]MLflow run {logger.run_id} at {tracking.redact_uri(tracker.uri)}[/dim]", soft_wrap=True)
     reporter = _TrainReporter(logger, args.checkpoint)
+    from .conventions import log_split, system_metrics
     from .tracking import recording
 
-    with recording(logger, killed=(KeyboardInterrupt,)):
+    run_id, uri = (logger.run_id, logger.tracker.uri) if logger is not None else (None, None)
+    with recording(logger, killed=(KeyboardInterrupt,)), system_metrics(run_id, uri):
         trainer = Trainer(cfg, reporter=reporter, progress=True)
+        if logger is not None:  # the split as the run's dataset inputs
+            log_split(logger.tracker, logger.run_id, trainer.build().data)
         result = trainer.fit(resume=args.resume)
         from .models import log_selected_model
         from .pictures import log_pictures
@@ -753,8 +763,10 @@ COMMANDS = {
     "weights": cmd_weights, "ls": cmd_ls,
 }
 from .cli_models import COMMANDS as _MODEL_COMMANDS  # noqa: E402 (embed, retrieve)
+from . import dashboard as _dashboard  # noqa: E402  (sweeper dashboard: its own module)
 
 COMMANDS.update(_MODEL_COMMANDS)
+COMMANDS["dashboard"] = _dashboard.cmd_dashboard
 
 
 def main(argv: Sequence[str] | None = None) -> int:

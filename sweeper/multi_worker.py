@@ -381,6 +381,12 @@ def worker_loop(conf: dict[str, Any]) -> None:
         from .pictures import log_pictures
 
         logger = tracking.RunLogger(tracking.Tracker(ctx.tracking_uri), conf["run_id"])
+        from .conventions import log_split
+
+        try:  # the split as the run's dataset inputs, as a one-worker trial logs them
+            log_split(logger.tracker, logger.run_id, trainer.data)
+        except Exception as err:  # never fails a trained trial
+            print(f"warning: could not log the split as dataset inputs: {tracking.error_line(err)}", file=sys.stderr)
         alone = trainer.dp.local_embedding() if trainer.dp is not None else contextlib.nullcontext()
         with alone:  # nothing here may wait for the other ranks
             log_selected_model(logger, trainer, result)  # never fails the trial

@@ -183,6 +183,25 @@ class SearchSpec(_Model):
     startup_trials: int | None = Field(None, ge=0)
     """TPE: random trials before TPE starts modelling (Optuna's default: 10)."""
     space: dict[str, SearchParam] = Field(min_length=1)
+    storage: str | None = None
+    """Where the Optuna study is kept: an SQLAlchemy URL (``postgresql://user@host/db``,
+    ``sqlite:////abs/optuna.db``); default an SQLite file beside the execution
+    (``<storage>/<execution>/optuna.db``, see sweeper/optuna_store.py)."""
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import sqlalchemy
+
+        try:
+            sqlalchemy.engine.make_url(v)
+        except Exception:
+            raise ValueError(
+                "must be an SQLAlchemy URL, e.g. postgresql://user@host/optuna or sqlite:////abs/path/optuna.db"
+            ) from None
+        return v
 
 
 class SchedulerSpec(_Model):
@@ -386,7 +405,8 @@ class ResolvedStudy:
         payload = {
             "base": self.base.to_dict(),
             "trials": [t.overrides for t in self.trials],
-            "search": self.spec.search.model_dump(mode="json") if self.spec.search else None,
+            # where the Optuna study is kept is not what the trials run (sweeper.json keeps it)
+            "search": self.spec.search.model_dump(mode="json", exclude={"storage"}) if self.spec.search else None,
             "seeds": self.spec.seeds,
         }
         return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -21,8 +21,9 @@
   trials an earlier attempt finished come from MLflow (child runs by ``trial_key``) and
   are not re-run; the others start again in a new Tune experiment
   ``<execution>/resume-<n>/``, each from its latest checkpoint (a torch file read with
-  ``weights_only=True``) in its own MLflow run; a search gives Optuna the finished
-  points with their metric.
+  ``weights_only=True``) in its own MLflow run; a search continues its persisted
+  Optuna study (:mod:`sweeper.optuna_store`: every finished trial once, the interrupted
+  ones handed out again, no point proposed twice).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any, Iterator, Mapping
 
 from dmlcore.config import ConfigError, RunConfig
 
-from . import executions, tracking
+from . import conventions, executions, optuna_store, tracking
 from .study import ResolvedStudy, apply_overrides, CategoricalParam, FloatParam, IntParam
 
 STATE_FILE = "sweeper.json"
@@ -230,16 +231,18 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext, fit: Any = None) -> No
     # driver settles the final MLflow status.
     with tracking.recording(
         logger, killed=(SystemExit,), on_tracking_error=lambda: _log.exception("could not record the failure in MLflow")
-    ):
+    ), conventions.system_metrics(logger and logger.run_id, ctx.tracking_uri):
         from dmlcore.train import Trainer
 
         from .models import log_selected_model
         from .pictures import log_pictures
 
-        if fit is not None:  # a multi-worker trial: its rank 0 logs the model and the pictures
+        if fit is not None:  # a multi-worker trial: its rank 0 logs the split, the model and the pictures
             fit(cfg, resume, logger, trial_id)
             return
         trainer = Trainer(cfg, reporter=reporter, progress=False)
+        if logger is not None:  # the split as the run's dataset inputs (sweeper/conventions.py)
+            conventions.log_split(logger.tracker, logger.run_id, trainer.build().data)
         result = trainer.fit(resume=resume)
         if not reporter.reported and logger is not None:
             # killed after its last checkpoint, before its run was FINISHED: nothing was left
@@ -397,9 +400,14 @@ def build_tune_config(
     study: ResolvedStudy,
     trials: list[Any] | None = None,
     evaluated: list[tuple[dict[str, Any], float]] | None = None,
+    store: Any = None,
+    attempt: int = 0,
 ) -> tuple[Any, Any]:
     """(TuneConfig, param_space) for a study: every grid trial (or just ``trials``); a
-    search's samples (less the ``evaluated`` ones, given to Optuna as finished trials)."""
+    search's samples (less the ``evaluated`` ones, given to Optuna as finished trials).
+    With ``store`` (:class:`sweeper.optuna_store.OptunaStore`, prepared) the search asks
+    and tells the persisted study instead: its finished trials are in it already, and the
+    sampler's seed is ``search.seed + attempt`` (see :mod:`sweeper.optuna_store`)."""
     from ray import tune
 
     spec = study.spec
@@ -410,21 +418,32 @@ def build_tune_config(
         from ray.tune.search.optuna import OptunaSearch
 
         s = spec.search
+        seed = s.seed + attempt if s.seed is not None and store is not None else s.seed
         if s.sampler == "tpe":
-            kw = {"seed": s.seed}
+            kw = {"seed": seed}
             if s.startup_trials is not None:
                 kw["n_startup_trials"] = s.startup_trials
             sampler = optuna.samplers.TPESampler(**kw)
         else:
-            sampler = optuna.samplers.RandomSampler(seed=s.seed)
+            sampler = optuna.samplers.RandomSampler(seed=seed)
         evaluated = list(evaluated or [])
-        search_alg = OptunaSearch(
-            space=optuna_space(study), metric=spec.metric, mode=spec.mode, sampler=sampler,
-            points_to_evaluate=[p for p, _ in evaluated] or None,
-            evaluated_rewards=[r for _, r in evaluated] or None,
-        )
+        used = len(evaluated)
+        if store is not None:  # the persisted study: its finished trials used `counted` samples
+            from .optuna_store import searcher_class
+
+            search_alg = searcher_class()(
+                space=optuna_space(study), metric=spec.metric, mode=spec.mode, sampler=sampler,
+                storage=store.storage, study_name=store.name, execution=store.execution,
+            )
+            used = store.counted
+        else:
+            search_alg = OptunaSearch(
+                space=optuna_space(study), metric=spec.metric, mode=spec.mode, sampler=sampler,
+                points_to_evaluate=[p for p, _ in evaluated] or None,
+                evaluated_rewards=[r for _, r in evaluated] or None,
+            )
         param_space = None
-        num_samples = max(s.samples - len(evaluated), 0)
+        num_samples = max(s.samples - used, 0)
     else:
         points = [{"index": t.index, "overrides": t.overrides} for t in (study.trials if trials is None else trials)]
         param_space = {"point": tune.grid_search(points)}
@@ -671,6 +690,8 @@ class Record:
     """trial_key -> latest checkpoint of an unfinished trial of an earlier attempt."""
     evaluated: list[tuple[dict[str, Any], float]] = field(default_factory=list)
     """A search's finished points (Optuna encoding) and their metric, for the searcher."""
+    optuna: Any = None
+    """A search's persisted Optuna study (:class:`sweeper.optuna_store.OptunaStore`), once launched."""
 
 
 def open_record(plan: RunPlan) -> Record:
@@ -685,11 +706,13 @@ def open_record(plan: RunPlan) -> Record:
         state["resumes"] = int(state.get("resumes", 0)) + 1
         tracker.set_tags(rec.parent_run_id, {"resumes": state["resumes"]})
         state.update(executions.running_fields(spec.metric, spec.mode, study.size))  # status/driver for `sweeper ls`
+        state.update(optuna_store.state_entries(optuna_store.for_execution(study, plan.execution, exec_dir, state)))
         _write_state(exec_dir, state)
         _read_earlier(plan, rec)
         return rec
     exec_dir.mkdir(parents=True)
     experiment_id = tracker.experiment_id(spec.name)
+    conventions.set_experiment_tags(tracker, experiment_id, conventions.experiment_tags(study))
     parent_tags = {
         tracking.TAG_STUDY: spec.name,
         tracking.TAG_EXECUTION: plan.execution,
@@ -702,6 +725,7 @@ def open_record(plan: RunPlan) -> Record:
         **tracking.version_tags(),
         **tracking.git_info(),
         **tracking.host_tags(),
+        **conventions.source_tags(study.source),
     }
     parent_run_id = tracker.create_run(experiment_id, f"{spec.name}/{plan.execution}", parent_tags)
     if spec.description:
@@ -730,6 +754,9 @@ def open_record(plan: RunPlan) -> Record:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **executions.running_fields(spec.metric, spec.mode, study.size),  # status/driver for `sweeper ls`
     }
+    plan.state.update(optuna_store.state_entries(optuna_store.for_execution(study, plan.execution, exec_dir)))
+    if study.is_search:
+        tracker.set_tags(parent_run_id, {k: plan.state[k] for k in (optuna_store.STATE_URL, optuna_store.STATE_STUDY)})
     _write_state(exec_dir, plan.state)
     return Record(tracker, experiment_id, parent_run_id)
 
@@ -923,10 +950,15 @@ def launch(plan: RunPlan, rec: Record, ctx: TrialContext, view: Any) -> tuple[An
     study, spec = plan.study, plan.study.spec
     done = {t.index for t in rec.earlier if t.index is not None}
     trials = [t for t in study.trials if t.index not in done] if not study.is_search else None
-    if (trials is not None and not trials) or (study.is_search and spec.search.samples <= len(rec.evaluated)):
-        return None, False
-    tune_config, param_space = build_tune_config(study, trials, rec.evaluated)
     attempt = int(plan.state.get("resumes", 0))
+    rec.optuna = optuna_store.for_execution(study, plan.execution, plan.exec_dir, plan.state)
+    if rec.optuna is not None:  # reconcile the stored study with what MLflow finished
+        finished = {trial_key(plan.execution, None, t.trial_id): t.metrics.get(spec.metric) for t in rec.earlier}
+        rec.optuna.prepare("maximize" if spec.mode == "max" else "minimize", optuna_space(study),
+                           {k: v for k, v in finished.items() if isinstance(v, (int, float))}, rec.evaluated)
+    if (trials is not None and not trials) or (rec.optuna is not None and spec.search.samples <= rec.optuna.counted):
+        return None, False
+    tune_config, param_space = build_tune_config(study, trials, rec.evaluated, rec.optuna, attempt)
     run_config = tune.RunConfig(
         name=plan.execution if attempt == 0 else f"resume-{attempt}",
         storage_path=str(plan.root if attempt == 0 else plan.exec_dir),
@@ -1066,7 +1098,7 @@ def _launch_and_record(plan: RunPlan, console: Any, live: bool | None, analyses:
         tracking_uri=plan.uri,
         experiment_id=rec.experiment_id,
         parent_run_id=rec.parent_run_id,
-        tags={**tracking.version_tags(), **tracking.git_info()},
+        tags={**tracking.version_tags(), **tracking.git_info(), **conventions.source_tags(study.source)},
         decode=decode_map(study),
         env=tracking.forwarded_env(),
         cpus=float(spec.resources.cpu),
@@ -1097,6 +1129,8 @@ def _launch_and_record(plan: RunPlan, console: Any, live: bool | None, analyses:
         or len(outcome.trials) < study.size
     )
     _settle_mlflow(rec.tracker, outcome, ctx)
+    if rec.optuna is not None:
+        optuna_store.link_outcome(rec.optuna, outcome, rec.tracker)
     if analyses and not outcome.interrupted and spec.analyses:
         outcome.analysis_paths = _run_analyses(study, outcome, rec.tracker, console)
     _finish_parent(rec.tracker, outcome)
