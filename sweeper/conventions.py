@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -167,7 +168,28 @@ def split_sides(data: Any) -> list[dict[str, Any]]:
 
 
 def log_split(tracker: Any, run_id: str, data: Any) -> None:
-    """The split's sides as the run's dataset inputs (once: a resumed run has them)."""
+    """The split's sides as the run's dataset inputs (once: a resumed run has them).
+
+    Never fails the run: concurrent trials of one experiment create the same dataset rows
+    at the same time, and MLflow's check-then-insert then meets the other trial's row (a
+    unique-constraint error on PostgreSQL); that is retried (the second attempt finds the
+    row), anything else is one warning."""
+    from .tracking import error_line
+
+    for attempt in range(4):
+        try:
+            _log_split(tracker, run_id, data)
+            return
+        except Exception as err:  # noqa: BLE001 (a picture of the run, never its failure)
+            text = str(err).lower()
+            if attempt < 3 and any(w in text for w in ("unique", "duplicate", "integrity")):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            _log.warning("could not log the split as dataset inputs: %s", error_line(err))
+            return
+
+
+def _log_split(tracker: Any, run_id: str, data: Any) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from .tracking import _retry

@@ -17,13 +17,14 @@ from typing import Any
 
 from dmlcore.config import ConfigError
 
-EXAMPLE = "example: sweeper dashboard my_search --port 8081   (the latest execution of the search study my_search)"
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    d = sub.add_parser(
-        "dashboard", help="optuna-dashboard on a search study's Optuna storage (127.0.0.1)", epilog=EXAMPLE,
-    )
+    from .cli_help import add_examples
+
+    d = sub.add_parser("dashboard", help="optuna-dashboard on a search study's Optuna storage (127.0.0.1)")
+    add_examples(d, ("sweeper dashboard my_search --port 8081",
+                     "the latest execution of the search study my_search (a server: Ctrl-C stops it)", False))
     d.add_argument("ref", metavar="STUDY|EXECUTION", nargs="?", default=".",
                    help="study file, stem or name (latest execution), or an execution folder (default: .)")
     d.add_argument("--execution", metavar="NAME", help="this execution of the study instead of the latest")

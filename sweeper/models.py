@@ -63,8 +63,17 @@ def _tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(uri)
         yield
         return
-    with _use_tracking_uri(uri):
-        yield
+    # MLflow's set_tracking_uri also sets $MLFLOW_TRACKING_URI, and restoring an unset URI
+    # unsets it: keep the user's own value (a resume reads the password from it)
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 @contextlib.contextmanager

@@ -189,7 +189,7 @@ def ranks(weights, tmp_path_factory) -> list[dict]:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 # ---------------------------------------------------------------------------------
