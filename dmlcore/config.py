@@ -233,6 +233,10 @@ class EvalConfig(_Section):
     pictures: bool = True
     """Pictures of the selected epoch (retrieval grid, embedding map, spectrum, similarity
     histograms, learning curves; :mod:`dmlcore.pictures`), logged as artifacts of the run."""
+    log_model: bool = True
+    """Log the selected epoch's weights as the run's MLflow LoggedModel (``sweeper/models.py``;
+    ``sweeper embed``/``retrieve`` load it). Off for sweeps of thousands of throw-away trials,
+    where it is most of a tiny trial's cost (docs/models.md)."""
 
     @field_validator("recall_k")
     @classmethod

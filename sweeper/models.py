@@ -125,7 +125,7 @@ def log_selected_model(logger: tracking.RunLogger | None, trainer: Any, result: 
     """Log the selected weights of a finished run as its LoggedModel; the model id, or None.
 
     Never raises: a failure is one warning line and the run tag ``model_error``."""
-    if logger is None:
+    if logger is None or not getattr(trainer.cfg.eval, "log_model", True):
         return None
     try:
         state, epoch = selected_state(trainer)

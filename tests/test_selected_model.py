@@ -240,3 +240,22 @@ def test_a_model_that_cannot_be_logged_does_not_fail_the_run(mlflow_uri, caplog)
     assert len([r for r in caplog.records if r.name == "sweeper.models"]) == 1
     assert "state_dict" in tracker.get_run(logger.run_id).data.tags["model_error"]
     assert tracker.client.search_logged_models(experiment_ids=[tracker.experiment_id("nolog")]) == []
+
+
+def test_log_model_false_logs_no_model_and_touches_no_run():
+    """``eval.log_model: false``: no LoggedModel, not even an attempt (no run tag); with the
+    default the same trainer is attempted (and, having no weights, tagged ``model_error``)."""
+    from types import SimpleNamespace
+
+    from dmlcore.config import RunConfig
+    from sweeper.models import log_selected_model
+
+    calls = []
+    logger = SimpleNamespace(run_id="r1", tracker=SimpleNamespace(set_tags=lambda rid, tags: calls.append(tags)))
+    off = RunConfig.model_validate({"eval": {"log_model": False}})
+    assert off.eval.log_model is False
+    assert log_selected_model(logger, SimpleNamespace(cfg=off, best_state=None), None) is None
+    assert calls == []
+    on = RunConfig.model_validate({})
+    assert log_selected_model(logger, SimpleNamespace(cfg=on, best_state=None), None) is None
+    assert len(calls) == 1 and "model_error" in calls[0]
