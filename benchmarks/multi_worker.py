@@ -14,9 +14,9 @@ the same process one after the other. Rank 0 times the training epochs after the
     python benchmarks/multi_worker.py --workers 1 2 4 --gpu --backbone resnet50 --image-size 224 \\
         --batch 112                                         # 1 vs N GPUs (goal >= 1.8x at 2)
 
-Until the trainer is data-parallel (dmlcore splitting the global batch across the ranks
-of an initialised process group), every worker trains the whole batch and the N-worker
-figure measures only the plumbing's cost.
+The trainer is data-parallel inside an initialised process group (``dmlcore/distributed.py``:
+each rank trains its slice of the global batch, the loss sees the all-gathered batch), so
+the N-worker figure is the real data-parallel throughput.
 """
 
 from __future__ import annotations
