@@ -14,10 +14,12 @@ trial stays today's plain trial (:func:`sweeper.tune.run_trial`, no Train start-
 * Each worker (:func:`worker_loop`) runs :class:`dmlcore.train.Trainer` with a
   :class:`TrainReporter`: every rank calls ``ray.train.report`` once per epoch (rank 0
   with the checkpoint). :func:`TrialReportCallback` (Ray's ``TuneReportCallback``) hands
-  rank 0's metrics to the trial's Tune session, so one epoch is one Tune result and ASHA
-  and Optuna work as for any trial, and then logs rank 0's epoch to MLflow, once Tune has
-  taken it. (Deliberately not from the rank-0 worker itself: after an ASHA stop the
-  workers train on until Tune's kill reaches them, and their epochs would land in MLflow.)
+  rank 0's metrics (and the trial's run id) to the trial's Tune session, so one epoch is
+  one Tune result and ASHA and Optuna work as for any trial. The *driver* logs the epoch
+  to MLflow when Tune takes it (:class:`EpochLogCallback`, Tune's ``on_trial_result``):
+  not the rank-0 worker, whose workers train on after an ASHA stop until Tune's kill
+  reaches them, and not the Train controller, whose write of the epoch a trial is stopped
+  at raced the trial's end (it was lost, or landed after the driver settled the run).
 * Checkpoints: rank 0's, in ``<execution>/train-<trial id>/checkpoint_<epoch>/``;
   Train restores them on all workers on a retry (``ray.train.get_checkpoint``),
   ``sweeper run --resume`` finds them through :func:`sweeper.tune.latest_checkpoint`
@@ -38,13 +40,14 @@ This module is the only place that imports Ray Train.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from dmlcore.config import RunConfig
 
@@ -259,9 +262,11 @@ def _cause(err: BaseException) -> BaseException:
 
 
 # ----------------------------------------------------------------------------- reports
-EPOCH_KEY = "_sweeper_step"
+EPOCH_KEY = "_sweeper_step"  # the "_sweeper_" keys are dropped from outcomes (tune.public_metrics)
 MLFLOW_KEY = "_sweeper_mlflow"
-"""Keys of a worker's report that carry the epoch and its metrics as logged to MLflow (not for Tune)."""
+RUN_KEY = "_sweeper_run_id"
+"""Keys of a multi-worker trial's Tune result that carry the epoch, its metrics as logged
+to MLflow and the trial's run id (for :class:`EpochLogCallback`, not for Tune)."""
 
 
 def _trial_report_callback_class() -> type:
@@ -269,38 +274,18 @@ def _trial_report_callback_class() -> type:
 
     class TrialReportCallback(TuneReportCallback):
         """``TuneReportCallback`` (rank 0's metrics of each report to the trial's Tune
-        session) that then logs the epoch to the trial's MLflow run, once Tune has taken
-        it: after a stop (ASHA) Tune takes no more results, and no later epoch reaches
-        MLflow, as in a one-worker trial, whose ``tune.report`` blocks until Tune asks."""
+        session) with the trial's MLflow run id added: the driver logs the epoch when Tune
+        takes it (:class:`EpochLogCallback`)."""
 
         def __init__(self, ctx: TrialContext, run_id: str | None):
             super().__init__()
             self.ctx, self.run_id = ctx, run_id
-            self._logger: tracking.RunLogger | None = None
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             first = dict(metrics[0])
-            step, logged = first.pop(EPOCH_KEY, None), first.pop(MLFLOW_KEY, None)
+            if self.run_id is not None:
+                first[RUN_KEY] = self.run_id
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
-            if self.run_id is None or step is None or not self._taken():
-                return
-            if self._logger is None:
-                if self.ctx.env:
-                    os.environ.update(self.ctx.env)
-                self._logger = tracking.RunLogger(tracking.Tracker(self.ctx.tracking_uri), self.run_id)
-            self._logger.report(int(step), logged or {})
-
-        def _taken(self) -> bool:
-            """Wait until the trial's Tune session has taken the result just queued
-            (False: the trial is gone, Tune stopped it)."""
-            q = self._training_actor_item_queue
-            while True:
-                try:
-                    if q.empty():
-                        return True
-                except Exception:  # the queue's actor died with the stopped trial
-                    return False
-                time.sleep(0.05)
 
     return TrialReportCallback
 
@@ -333,6 +318,60 @@ class TrainReporter(TuneReporter):
         with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as d:
             save_checkpoint(checkpoint, Path(d) / "checkpoint.pt")
             ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+
+
+_EPOCH_TRACKER: list[tracking.Tracker] = []
+
+
+@contextlib.contextmanager
+def logging_epochs(tracker: tracking.Tracker | None) -> Iterator[None]:
+    """While the body runs, :class:`EpochLogCallback` logs multi-worker epochs with ``tracker``
+    (held here, not in the callback: Tune pickles its callbacks into the experiment folder,
+    and a tracking URI may carry a password)."""
+    if tracker is not None:
+        _EPOCH_TRACKER.append(tracker)
+    try:
+        yield
+    finally:
+        if tracker is not None:
+            _EPOCH_TRACKER.remove(tracker)
+
+
+def log_epoch(result: Mapping[str, Any]) -> None:
+    """Log a multi-worker trial's epoch that Tune has just taken to the trial's MLflow run.
+
+    Called by the driver in Tune's ``on_trial_result``, which Tune calls for every result it
+    takes, the one a scheduler stops the trial at included, and for no other: the epochs a
+    stopped trial's workers train on until Tune's kill reaches them never get there, and
+    every epoch Tune took is in MLflow before the driver settles the runs (the driver runs
+    its callbacks before ``Tuner.fit`` returns). A one-worker trial logs its epochs itself,
+    before its ``tune.report``, which blocks until Tune asks for the next epoch."""
+    run_id, step, metrics = result.get(RUN_KEY), result.get(EPOCH_KEY), result.get(MLFLOW_KEY)
+    if not _EPOCH_TRACKER or not run_id or step is None or not isinstance(metrics, Mapping):
+        return
+    try:
+        _EPOCH_TRACKER[-1].log_metrics(str(run_id), metrics, int(step))
+    except Exception as err:  # tracking trouble never stops the study
+        import logging
+
+        logging.getLogger(__name__).warning("could not log epoch %s of run %s: %s", step, run_id,
+                                            tracking.error_line(err))
+
+
+def _epoch_log_callback_class() -> type:
+    from ray.tune import Callback
+
+    class EpochLogCallback(Callback):
+        """The driver's Tune callback of a multi-worker study: :func:`log_epoch` of each result."""
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            log_epoch(result)
+
+    return EpochLogCallback
+
+
+def EpochLogCallback() -> Any:  # noqa: N802 (a class, built lazily)
+    return _epoch_log_callback_class()()
 
 
 # ----------------------------------------------------------------------------- the workers

@@ -479,9 +479,11 @@ def recording(
     logger: RunLogger | None,
     killed: tuple[type[BaseException], ...],
     on_tracking_error: Callable[[], None] = lambda: None,
+    killed_status: str | None = "KILLED",
 ) -> Iterator[None]:
-    """The body trains ``logger``'s run, which ends FINISHED when the body returns, KILLED
-    on a ``killed`` exception and FAILED (:meth:`RunLogger.fail`) on any other; the
+    """The body trains ``logger``'s run, which ends FINISHED when the body returns,
+    ``killed_status`` on a ``killed`` exception (None: left as it is, for a caller whose
+    driver settles it) and FAILED (:meth:`RunLogger.fail`) on any other; the
     exception goes on. A tracking error while recording a failure never replaces the
     body's own error: ``on_tracking_error()`` is called while it is handled (to log it,
     or not). Without a logger the body just runs."""
@@ -491,7 +493,8 @@ def recording(
     try:
         yield
     except killed:
-        logger.finish("KILLED")
+        if killed_status is not None:
+            logger.finish(killed_status)
         raise
     except BaseException as err:
         try:

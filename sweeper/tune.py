@@ -227,10 +227,13 @@ def _run_trial(config: dict[str, Any], ctx: TrialContext, fit: Any = None) -> No
             logger.tracker.set_tags(logger.run_id, {"resumed_from_epoch": int(resume.get("epoch", 0))})
 
     reporter = TuneReporter(logger, ctx.required)
-    # SystemExit: Tune stopped the trial (scheduler, or the study is shutting down); the
-    # driver settles the final MLflow status.
+    # SystemExit: Tune stopped the trial (scheduler, or the study is shutting down). The
+    # trial writes no status then: the driver settles it (_settle_mlflow: FINISHED for an
+    # early stop, KILLED for an interrupted study). Tune does not wait for a stopped
+    # trial's thread, so a status written here could land after the driver's and undo it.
     with tracking.recording(
-        logger, killed=(SystemExit,), on_tracking_error=lambda: _log.exception("could not record the failure in MLflow")
+        logger, killed=(SystemExit,), killed_status=None,
+        on_tracking_error=lambda: _log.exception("could not record the failure in MLflow"),
     ), conventions.system_metrics(logger and logger.run_id, ctx.tracking_uri):
         from dmlcore.train import Trainer
 
@@ -959,19 +962,23 @@ def launch(plan: RunPlan, rec: Record, ctx: TrialContext, view: Any) -> tuple[An
     if (trials is not None and not trials) or (rec.optuna is not None and spec.search.samples <= rec.optuna.counted):
         return None, False
     tune_config, param_space = build_tune_config(study, trials, rec.evaluated, rec.optuna, attempt)
+    from . import multi_worker
+
+    many = spec.resources.workers > 1
     run_config = tune.RunConfig(
         name=plan.execution if attempt == 0 else f"resume-{attempt}",
         storage_path=str(plan.root if attempt == 0 else plan.exec_dir),
         # a multi-worker trial's retries are its Train run's (all workers, from its checkpoint)
         failure_config=tune.FailureConfig(max_failures=spec.max_failures if spec.resources.workers == 1 else 0),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[livemod.LiveCallback()],
+        # a multi-worker trial's epochs are logged by the driver, when Tune takes them
+        callbacks=[livemod.LiveCallback(), *([multi_worker.EpochLogCallback()] if many else [])],
         verbose=0,
     )
     _lean_tune()
     tuner = tune.Tuner(make_trainable(study, ctx, plan.exec_dir), param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
-    with view, no_forced_state_sync():
+    with view, no_forced_state_sync(), multi_worker.logging_epochs(rec.tracker if many else None):
         try:
             return _fit(tuner)
         except KeyboardInterrupt:
@@ -1208,7 +1215,7 @@ def _collect(study, view, results, execution, exec_dir, uri, experiment_id, pare
             v = (r.metrics or {}).get(f"best/{study.spec.metric}", (r.metrics or {}).get(study.spec.metric))
             outcome.trials.append(
                 TrialOutcome(tid, index, over, status, v, (r.metrics or {}).get("best_epoch"),
-                             tracking.error_line(r.error) if r.error else None, metrics=dict(r.metrics or {}))
+                             tracking.error_line(r.error) if r.error else None, metrics=public_metrics(r.metrics or {}))
             )
         return outcome
     for row in rows:
@@ -1221,10 +1228,16 @@ def _collect(study, view, results, execution, exec_dir, uri, experiment_id, pare
             status = "interrupted"  # stopped by Ctrl-C, not by the scheduler: resume continues it
         outcome.trials.append(
             TrialOutcome(row.trial_id, row.index, decode_sample(study, row.overrides), status, v,
-                         int(be) if isinstance(be, (int, float)) else None, row.error, metrics=lr)
+                         int(be) if isinstance(be, (int, float)) else None, row.error, metrics=public_metrics(lr))
         )
     outcome.trials.sort(key=lambda t: (t.index if t.index is not None else 10**9, t.trial_id))
     return outcome
+
+
+def public_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's Tune result without the sweeper's private keys (``_sweeper_*``: what a
+    multi-worker trial hands its driver to log, :mod:`sweeper.multi_worker`)."""
+    return {k: v for k, v in metrics.items() if not str(k).startswith("_sweeper_")}
 
 
 def _settle_mlflow(tracker: tracking.Tracker, outcome: StudyOutcome, ctx: TrialContext) -> None:

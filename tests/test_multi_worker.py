@@ -126,10 +126,14 @@ def test_two_worker_study_with_asha_finishes_and_the_trial_after_a_stopped_one_s
     """Two 2-worker trials on 2 CPUs, one at a time (the cap: 2 CPUs // 2 workers). ASHA
     (``max_t: 2`` of 3 epochs) stops the first at epoch 2; the second must then start (an
     ASHA stop kills the trial: its workers' placement group has to be released, its actor
-    must not be reused) and, unable to learn (lr 1e-9), is stopped after its first epoch.
-    No epoch after a stop reaches MLflow."""
+    must not be reused) and is stopped after its first epoch: unable to learn (lr 1e-9)
+    with a margin of 1.0 instead of 0.2, its margin loss is above the first trial's at
+    epoch 1 by construction (every pair is active: d_ap - 0.2 + 2.2 - d_an > 1.3 on unit
+    embeddings), not by how much 3 steps of learning happen to lower it. The epoch Tune
+    stopped it at is in MLflow when the study returns; no later epoch ever gets there."""
     study = load_study(study_file(
-        "mw", base=_base(3), resources=TWO_WORKERS, zip=[{"optim.lr": [0.02, 1.0e-9]}],
+        "mw", base=_base(3), resources=TWO_WORKERS,
+        zip=[{"optim.lr": [0.02, 1.0e-9], "loss.params": [{"margin": 0.2}, {"margin": 1.0}]}],
         scheduler={"metric": "train/loss", "mode": "min", "grace_period": 1, "reduction_factor": 2, "max_t": 2},
     ))
     t0 = time.perf_counter()
@@ -142,6 +146,10 @@ def test_two_worker_study_with_asha_finishes_and_the_trial_after_a_stopped_one_s
     assert _steps(mlflow_uri, runs[0].info.run_id) == [1, 2]  # every epoch Tune took, once
     assert _steps(mlflow_uri, runs[0].info.run_id, "test/recall_at_1") == [1, 2]
     assert _steps(mlflow_uri, runs[1].info.run_id) == [1]
+    loss = {i: tracking.Tracker(mlflow_uri).client.get_metric_history(r.info.run_id, "train/loss") for i, r in runs.items()}
+    assert loss[1][0].value > loss[0][0].value, loss  # why ASHA stopped it
+    time.sleep(3)  # the stopped trial's workers train on until Tune's kill reaches them
+    assert _steps(mlflow_uri, runs[1].info.run_id) == [1]  # ... and none of that epoch gets to MLflow
     train_dirs = list((tmp_path / "runs").glob("*/train-*"))
     assert len(train_dirs) == 2, train_dirs  # both trained through Ray Train
     print(f"2 two-worker trials with ASHA: {wall:.1f} s")
