@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import pytest
 import yaml
@@ -84,3 +86,38 @@ def ray_session():
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+HANG_GUARD_S = 600.0
+"""How long :func:`drive_until` waits for its condition: a guard against a hang, never a
+timing (a loaded 2-core machine can take minutes to start Ray workers)."""
+
+
+def drive_until(cmd: list[str], *, cwd: Path, log_path: Path, until: Callable[[], bool], sig: int,
+                what: str, env: Mapping[str, str] | None = None, timeout: float = HANG_GUARD_S,
+                poll: float = 0.5, wait: float = 90.0) -> int:
+    """Start the driver ``cmd`` (its output in ``log_path``), wait until ``until()`` holds,
+    send it ``sig`` and return its exit status once it has ended. Fails, with the end of
+    the driver's log, when the driver ends before ``what`` happened or ``until()`` never
+    holds within ``timeout`` seconds. The driver is never left running."""
+    def tail() -> str:
+        return log_path.read_text(errors="replace")[-4000:]
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(env) if env is not None else None)
+        try:
+            deadline, reached = time.time() + timeout, False
+            while time.time() < deadline and proc.poll() is None:
+                if until():
+                    reached = True
+                    break
+                time.sleep(poll)
+            assert proc.poll() is None, f"the driver ended before {what}:\n" + tail()
+            assert reached, f"not reached in {timeout:.0f} s: {what}\n" + tail()
+            proc.send_signal(sig)
+            return proc.wait(timeout=wait)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)

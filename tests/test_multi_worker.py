@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import io
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 from rich.console import Console
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, drive_until
 from sweeper import multi_worker, tracking
 from sweeper.preflight import PreflightError
 from sweeper.study import load_study
@@ -164,22 +163,14 @@ def test_sigkilled_multi_worker_study_resumes_from_its_checkpoint(ray_session, s
     cmd = [sys.executable, "-m", "sweeper.cli", "run", str(path), "--address", ray_session,
            "--storage", str(tmp_path / "runs"), "--tracking-uri", mlflow_uri, "--no-live"]
     log_path = tmp_path / "driver.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 400  # a loaded 2-core machine takes minutes to start the workers
-        try:
-            while time.time() < deadline and proc.poll() is None:
-                runs = _children(mlflow_uri, "mwkill")
-                if runs and _steps(mlflow_uri, runs[0].info.run_id):
-                    ckpts = list((tmp_path / "runs").glob("*/train-*/checkpoint_*/checkpoint.pt"))
-                    if ckpts:
-                        break
-                time.sleep(0.5)
-            assert proc.poll() is None, "the driver ended before it was killed: " + log_path.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+
+    def first_epoch_checkpointed() -> bool:
+        runs = _children(mlflow_uri, "mwkill")
+        return bool(runs and _steps(mlflow_uri, runs[0].info.run_id)
+                    and list((tmp_path / "runs").glob("*/train-*/checkpoint_*/checkpoint.pt")))
+
+    drive_until(cmd, cwd=tmp_path, log_path=log_path, until=first_epoch_checkpointed, sig=signal.SIGKILL,
+                what="the first epoch was in MLflow and checkpointed", wait=30)
     (before,) = _children(mlflow_uri, "mwkill")
     done_before = _steps(mlflow_uri, before.info.run_id)
     assert before.info.status == "RUNNING" and 1 <= len(done_before) < 4, log_path.read_text()

@@ -7,11 +7,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, drive_until
 from sweeper import tracking
 from sweeper.study import load_study
 
@@ -63,16 +62,8 @@ def test_ctrl_c_then_resume_keeps_every_trial_once_and_proposes_no_point_twice(
     cmd = [sys.executable, "-m", "sweeper.cli", "run", str(path), "--address", ray_session,
            "--storage", str(tmp_path / "runs"), "--tracking-uri", mlflow_uri, "--no-live"]
     log_path = tmp_path / "driver.log"
-    with open(log_path, "w") as log:  # Ctrl-C once a trial has finished
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if _complete(tmp_path / "runs") >= 1:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the driver ended before Ctrl-C: " + log_path.read_text()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+    drive_until(cmd, cwd=tmp_path, log_path=log_path, sig=signal.SIGINT, wait=60, poll=0.2,
+                until=lambda: _complete(tmp_path / "runs") >= 1, what="Ctrl-C (once a trial has finished)")
     (state_file,) = (tmp_path / "runs").glob("*/sweeper.json")
     exec_dir = state_file.parent
     state = json.loads(state_file.read_text())

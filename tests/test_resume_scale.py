@@ -10,14 +10,12 @@ import io
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 from rich.console import Console
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, drive_until
 from sweeper import tracking
 from sweeper.study import load_study
 from sweeper.tune import run_study
@@ -44,21 +42,13 @@ def test_sigkilled_study_of_30_trials_resumes_without_a_duplicate_run(ray_sessio
     cmd = [sys.executable, "-m", "sweeper.cli", "run", str(path), "--address", ray_session,
            "--storage", str(tmp_path / "runs"), "--tracking-uri", mlflow_uri, "--no-live"]
     log_path = tmp_path / "driver.log"
-    done = 0
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.time() + 900  # a guard against a hang only: ~20 s on an idle machine
-            while time.time() < deadline and proc.poll() is None and done < KILL_AT:
-                done = max([int(m.group(1)) for ln in log_path.read_text().splitlines() if (m := DONE.match(ln))] or [0])
-                time.sleep(0.2)
-            assert proc.poll() is None, "the driver ended before it was killed:\n" + log_path.read_text()
-            assert done >= KILL_AT, f"only {done} trials done before the deadline:\n" + log_path.read_text()[-2000:]
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+
+    def killed_at() -> bool:
+        done = [int(m.group(1)) for ln in log_path.read_text().splitlines() if (m := DONE.match(ln))]
+        return max(done or [0]) >= KILL_AT
+
+    drive_until(cmd, cwd=tmp_path, log_path=log_path, until=killed_at, sig=signal.SIGKILL, wait=30, poll=0.2,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, what=f"{KILL_AT} trials were done")
     before = _children(mlflow_uri, "scale")
     keys_before = collections.Counter(r.data.tags["trial_key"] for r in before)
     assert max(keys_before.values()) == 1, keys_before  # no duplicate even before the resume

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, drive_until
 from sweeper import tracking
 from sweeper.cli import main
 
@@ -142,23 +142,16 @@ def test_sigterm_does_what_ctrl_c_does(tmp_path, mlflow_uri):
     cmd = [*_sweeper(), "run", str(path), "--num-cpus", "2", "--storage", str(tmp_path / "runs"),
            "--tracking-uri", mlflow_uri, "--no-live"]
     log = tmp_path / "driver.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline and proc.poll() is None:
-                _, _, children = _runs(mlflow_uri, "long")
-                if any(c.info.status == "RUNNING" and c.data.metrics for c in children):
-                    break
-                time.sleep(0.5)
-            assert proc.poll() is None, log.read_text()
-            assert _ray_processes(ray_tmp), "the driver's Ray is not running"
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=90)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+
+    def training() -> bool:
+        _, _, children = _runs(mlflow_uri, "long")
+        if not any(c.info.status == "RUNNING" and c.data.metrics for c in children):
+            return False
+        assert _ray_processes(ray_tmp), "the driver's Ray is not running"
+        return True
+
+    rc = drive_until(cmd, cwd=tmp_path, log_path=log, until=training, sig=signal.SIGTERM, env=env,
+                     what="a trial was training")
     text = log.read_text()
     assert rc == 1, text  # interrupted, like Ctrl-C
     _, parents, children = _runs(mlflow_uri, "long")

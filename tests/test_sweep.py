@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 from rich.console import Console
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, drive_until
 from sweeper import tracking
 from sweeper.study import load_study
 from sweeper.tune import run_study
@@ -180,19 +179,9 @@ def test_killed_study_resumes_without_duplicate_runs(ray_session, study_file, tm
         "--storage", str(tmp_path / "runs"), "--tracking-uri", mlflow_uri, "--no-live",
     ]
     log_path = tmp_path / "driver.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 150
-        try:
-            while time.time() < deadline and proc.poll() is None:
-                if _statuses(mlflow_uri, "killed").count("FINISHED") >= 1:
-                    break
-                time.sleep(0.5)
-            assert proc.poll() is None, "the driver ended before it was killed: " + log_path.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+    drive_until(cmd, cwd=tmp_path, log_path=log_path, sig=signal.SIGKILL, wait=30,
+                until=lambda: _statuses(mlflow_uri, "killed").count("FINISHED") >= 1,
+                what="a trial had finished in MLflow")
     _, parents, before = _runs(mlflow_uri, "killed")
     run_ids = {c.data.tags["trial_key"]: c.info.run_id for c in before}
     finished = [c.data.tags["trial_key"] for c in before if c.info.status == "FINISHED"]
