@@ -10,10 +10,11 @@ mapping: its pages are page cache, not the process's memory, so they do not coun
 the limit, and the epoch over ``4 x HEADROOM`` of pixels completes: nothing accumulates the
 mapped data in process memory (each batch is copied out and freed). The child also
 reports ``RssFile`` (mapped page-cache pages, which the kernel may evict, clean, at any
-time) against ``RssAnon``. What it does not show: the speed once pages are actually
-evicted (a dataset larger than the page cache reads at disk speed); that needs a memory
-cgroup smaller than the file, which this machine (cgroup v1, the sandbox's own memory
-group) does not let a test create. See docs/scale.md.
+time) against ``RssAnon``. The speed once pages are actually evicted is shown by
+``benchmarks/cold_cache.py`` (pages of the cache file dropped before every batch: the
+trainer's gathers read at the disk's speed for that pattern, ~95% of a sequential read,
+and a cold epoch costs about the warm one plus those reads), and that a cold batch reads its
+bytes once by ``tests/test_data_cache_advise.py``. See docs/scale.md.
 """
 
 from __future__ import annotations
