@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .charts import GREY, PALETTE, PNG_LEVEL, Canvas, class_colour, font
+from .charts import GREY, PALETTE, Canvas, class_colour, font, save_png
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +316,7 @@ def retrieval_grid(inputs: PictureInputs, out_dir: Path, k: int = TOP_K, n_worst
     for yy, text in titles:
         draw.text((MARGIN, yy), text, fill=(0, 0, 0), font=font(12))
     path = Path(out_dir) / "retrieval_grid.png"
-    image.save(path, format="PNG", compress_level=PNG_LEVEL)
-    return [path]
+    return [save_png(image, path)]
 
 
 # ----------------------------------------------------------------------------- charts
@@ -352,7 +351,7 @@ def spectrum_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
 def pair_similarities(emb: np.ndarray, labels: np.ndarray, distance: str, max_rows: int, seed: int
                       ) -> tuple[np.ndarray, np.ndarray]:
     """``(positive, negative)`` pair values (cosine similarity, or euclidean distance) of all
-    pairs ``i < j`` among at most ``max_rows`` seeded samples."""
+    pairs ``i < j`` among at most ``max_rows`` seeded samples, each in row-major pair order."""
     n = len(labels)
     rows = np.arange(n) if n <= max_rows else np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
     x = np.asarray(emb, dtype=np.float32)[rows]
@@ -363,27 +362,27 @@ def pair_similarities(emb: np.ndarray, labels: np.ndarray, distance: str, max_ro
     else:
         sq = (x * x).sum(1)
         v = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
-    iu = np.triu_indices(len(rows), k=1)
-    same = y[iu[0]] == y[iu[1]]
-    vals = v[iu]
-    return vals[same], vals[~same]
+    upper = np.triu(np.ones((len(rows), len(rows)), dtype=bool), k=1)  # pairs i < j (boolean masks: no index arrays)
+    same = y[:, None] == y[None, :]
+    return v[upper & same], v[upper & ~same]
 
 
 def similarity_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
     if inputs.test is None:
         raise Skip("no test embeddings")
     pos, neg = pair_similarities(inputs.test.emb, inputs.test.labels, inputs.distance, MAX_PAIR_ROWS, inputs.seed)
-    allv = np.concatenate([pos, neg])
-    if not len(allv):
+    if not len(pos) + len(neg):
         raise Skip("fewer than two test samples")
+    lo = min(float(v.min()) for v in (pos, neg) if len(v))
+    hi = max(float(v.max()) for v in (pos, neg) if len(v)) + 1e-9
     what = "cosine similarity" if inputs.distance == "cosine" else "euclidean distance"
     c = Canvas(520, 320, xlabel=f"{what} of test pairs (selected epoch {inputs.best_epoch})")
     p = c.panels[0]
     p.title = "positive and negative pairs (density)"
-    edges = np.linspace(allv.min(), allv.max() + 1e-9, 51)
     for vals, name, col in ((pos, "positive (same class)", PALETTE[2]), (neg, "negative", PALETTE[3])):
         if len(vals):
-            h, _ = np.histogram(vals, edges, density=True)
+            # 50 equal bins given as (bins, range): numpy's binning by arithmetic, not a sort of the values
+            h, edges = np.histogram(vals, 50, range=(lo, hi), density=True)
             p.stairs(h, edges, col, f"{name}: {len(vals)} pairs, mean {vals.mean():.3f}")
     return [c.save(Path(out_dir) / "similarities.png")]
 
@@ -481,12 +480,14 @@ def sprite_sheet(images: Sequence[np.ndarray | None], size: int = THUMB) -> tupl
 
     cols = max(1, int(math.ceil(math.sqrt(max(len(images), 1)))))
     rows = max(1, int(math.ceil(len(images) / cols)))
-    grid = np.full((rows * size, cols * size, 3), 200, dtype=np.uint8)
-    for i, tile in enumerate(fit_all(images, size)):
-        if tile is not None:
-            r, c = divmod(i, cols)
-            grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = tile
-    sheet = Image.fromarray(grid)
+    tiles = np.full((rows * cols, size, size, 3), 200, dtype=np.uint8)
+    fitted = fit_all(images, size)
+    have = [i for i, t in enumerate(fitted) if t is not None]
+    if have:
+        tiles[have] = np.stack([fitted[i] for i in have])
+    # tile i at row i // cols, column i % cols
+    grid = tiles.reshape(rows, cols, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(rows * size, cols * size, 3)
+    sheet = Image.fromarray(np.ascontiguousarray(grid))
     buf = io.BytesIO()
     sheet.save(buf, format="JPEG", quality=90)  # thumbnails: a JPEG encodes ~10x faster than a PNG
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), cols
@@ -530,8 +531,8 @@ def embedding_map_html(xy: np.ndarray, colours: Sequence[tuple[int, int, int]], 
     """A self-contained HTML page (inline SVG, one sprite sheet, a few lines of JS; nothing
     fetched): one dot per point in its class colour; hover shows the sample's image and class."""
     sprite, cols = sprite_sheet(images)
-    data = [[round(float(a), 4), round(float(b), 4), "rgb(%d,%d,%d)" % tuple(c), nm, int(s)]
-            for (a, b), c, nm, s in zip(xy, colours, names, samples)]
+    xy = np.round(np.asarray(xy, dtype=np.float64), 4).tolist()
+    data = [[a, b, "rgb(%d,%d,%d)" % tuple(c), nm, int(s)] for (a, b), c, nm, s in zip(xy, colours, names, samples)]
     return (HTML_TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__SUB__", html.escape(subtitle))
             .replace("__SPRITE__", sprite).replace("__COLS__", str(cols))
             .replace("__DATA__", json.dumps(data).replace("</", "<\\/")))
@@ -603,29 +604,33 @@ def _hwc(x: Any) -> np.ndarray:
 
 
 def _batch_fn(ds: Any) -> Callable[[np.ndarray], Sequence[np.ndarray]] | None:
-    """Bulk reads: an in-memory split as one ``N x H x W x 3`` array (made once, then plain
-    numpy indexing), a decoded cache by ``gather``; None when the split can do neither."""
+    """Bulk reads of only the samples asked for: ``gather`` (the in-memory tensor or the
+    decoded cache, one indexing), else the split's in-memory images (made once, when first
+    needed); None when the split can do neither. Nothing is read before a picture asks:
+    copying a whole split here cost more than all the images the pictures show."""
+    if getattr(ds, "can_gather", False):
+        def batch(idx: np.ndarray) -> list[np.ndarray]:
+            import torch
+
+            b = ds.gather(idx)
+            if isinstance(b, torch.Tensor):
+                return list(b.permute(0, 2, 3, 1).cpu().numpy())
+            return [_hwc(b[k]) for k in range(len(idx))]  # an ImageBatch: images of different sizes
+
+        return batch
+    if not hasattr(ds, "in_memory_images"):
+        return None
     held: list[np.ndarray] = []
 
     def in_memory(idx: np.ndarray) -> np.ndarray:
         if not held:
-            held.append(ds.in_memory_images().permute(0, 2, 3, 1).cpu().numpy())
+            images = ds.in_memory_images()
+            if images is None:
+                raise LookupError("the split holds no images in memory")  # Split.images: one by one
+            held.append(images.permute(0, 2, 3, 1).cpu().numpy())
         return held[0][idx]
 
-    if hasattr(ds, "in_memory_images") and ds.in_memory_images() is not None:
-        return in_memory
-    if not getattr(ds, "can_gather", False):
-        return None
-
-    def batch(idx: np.ndarray) -> list[np.ndarray]:
-        import torch
-
-        b = ds.gather(idx)
-        if isinstance(b, torch.Tensor):
-            return list(b.permute(0, 2, 3, 1).cpu().numpy())
-        return [_hwc(b[k]) for k in range(len(idx))]  # an ImageBatch: images of different sizes
-
-    return batch
+    return in_memory
 
 
 def _image_fn(ds: Any) -> ImageFn:
