@@ -38,12 +38,14 @@ subsampled (seeded) for every picture: :data:`MAX_CANDIDATE_QUERIES`,
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import html
 import io
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,12 +93,14 @@ class Split:
     batch: Callable[[np.ndarray], Sequence["np.ndarray | None"]] | None = None
     """Images of many samples at once (one bulk read); default: :attr:`image` one by one."""
 
-    def images(self, idx: Sequence[int]) -> list[np.ndarray | None]:
-        """``H x W x 3`` uint8 images of samples ``idx`` (None where one cannot be read)."""
+    def images(self, idx: Sequence[int]) -> "np.ndarray | list[np.ndarray | None]":
+        """``H x W x 3`` uint8 images of samples ``idx`` (None where one cannot be read):
+        one ``N x H x W x 3`` array when the split reads them in bulk, else a list."""
         idx = np.asarray(idx, dtype=np.int64)
         if self.batch is not None and len(idx):
             try:
-                return list(self.batch(idx))
+                got = self.batch(idx)
+                return got if isinstance(got, np.ndarray) else list(got)
             except Exception:  # e.g. an unreadable file in the batch: one by one below
                 pass
         return [_safe_image(self, int(i)) for i in idx]
@@ -219,8 +223,19 @@ def _fit(img: np.ndarray, size: int) -> np.ndarray:
     return a[(np.arange(size) * h // size)[:, None], (np.arange(size) * w // size)[None, :]]
 
 
-def fit_all(images: Sequence[np.ndarray | None], size: int) -> list[np.ndarray | None]:
-    """:func:`_fit` of every image; images of one shape are resized together (one indexing)."""
+def _resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
+    """``N x h x w x 3`` images as ``N x size x size x 3`` by nearest-neighbour indexing, contiguous."""
+    stack = np.ascontiguousarray(stack, dtype=np.uint8)  # e.g. a channels-first batch seen channels-last
+    h, w = stack.shape[1:3]
+    ys, xs = np.arange(size) * h // size, np.arange(size) * w // size
+    return np.ascontiguousarray(stack[:, ys][:, :, xs])
+
+
+def fit_all(images: "np.ndarray | Sequence[np.ndarray | None]", size: int) -> list[np.ndarray | None]:
+    """:func:`_fit` of every image; images of one shape are resized together (one indexing;
+    an ``N x H x W x 3`` array of small images: all of them at once)."""
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[3] == 3 and max(images.shape[1:3]) <= 2 * size:
+        return list(_resize_stack(images, size))
     out: list[np.ndarray | None] = [None] * len(images)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
@@ -228,9 +243,7 @@ def fit_all(images: Sequence[np.ndarray | None], size: int) -> list[np.ndarray |
             groups.setdefault(np.shape(img), []).append(i)
     for shape, members in groups.items():
         if len(shape) == 3 and shape[2] == 3 and max(shape[:2]) <= 2 * size:
-            h, w = shape[:2]
-            stack = np.stack([np.asarray(images[i]) for i in members]).astype(np.uint8, copy=False)
-            tiles = stack[:, (np.arange(size) * h // size)[:, None], (np.arange(size) * w // size)[None, :]]
+            tiles = _resize_stack(np.stack([np.asarray(images[i]) for i in members]), size)
             for i, t in zip(members, tiles):
                 out[i] = t
         else:
@@ -483,7 +496,9 @@ def sprite_sheet(images: Sequence[np.ndarray | None], size: int = THUMB) -> tupl
     tiles = np.full((rows * cols, size, size, 3), 200, dtype=np.uint8)
     fitted = fit_all(images, size)
     have = [i for i, t in enumerate(fitted) if t is not None]
-    if have:
+    if len(have) == len(fitted) and len(have):
+        tiles[:len(have)] = fitted
+    elif have:
         tiles[have] = np.stack([fitted[i] for i in have])
     # tile i at row i // cols, column i % cols
     grid = tiles.reshape(rows, cols, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(rows * size, cols * size, 3)
@@ -549,17 +564,19 @@ def embedding_map_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
     pos = np.searchsorted(classes, labs)
     c = Canvas(560, 470, title=title)
     p = c.panels[0]
-    colours = [class_colour(int(i), len(classes)) for i in pos]
+    table = [class_colour(i, len(classes)) for i in range(len(classes))]
+    names = [q.name(int(cl)) for cl in classes]
+    colours = [table[i] for i in pos.tolist()]
     p.dots(xy[:, 0], xy[:, 1], colours)
     if len(classes) <= 10:  # a legend of the classes
-        for i, cl in enumerate(classes):
-            p.key(q.name(int(cl))[:16], class_colour(i, len(classes)))
+        for i in range(len(classes)):
+            p.key(names[i][:16], table[i])
     files = [c.save(Path(out_dir) / "embedding_map.png")]
     h = np.arange(len(rows)) if len(rows) <= MAX_HTML_POINTS else np.sort(
         np.random.default_rng(inputs.seed + 1).choice(len(rows), MAX_HTML_POINTS, replace=False))
     sub = rows[h]
     page = embedding_map_html(
-        xy[h], [colours[i] for i in h], [q.name(int(cl)) for cl in labs[h]], q.images(sub),
+        xy[h], [colours[i] for i in h.tolist()], [names[i] for i in pos[h].tolist()], q.images(sub),
         sub.tolist(),
         title, f"{len(h)} points; hover a point for its image and class.",
     )
@@ -578,9 +595,55 @@ PICTURES: dict[str, Callable[[PictureInputs, Path], list[Path]]] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _thread_pools() -> Any:
+    """threadpoolctl's controller of the loaded BLAS and OpenMP libraries, made once (it
+    reads every loaded library: ~5 ms) after faiss is loaded; None without threadpoolctl."""
+    try:
+        import faiss  # noqa: F401  (its OpenMP pool: the retrieval grid's search)
+    except Exception:
+        pass
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        return ThreadpoolController()
+    except Exception:  # not installed (it comes with scikit-learn)
+        return None
+
+
+@contextlib.contextmanager
+def single_threaded() -> Any:
+    """numpy's BLAS, the OpenMP pools (faiss, torch) and torch's intra-op threads limited to
+    one thread for the body, then set back.
+
+    The pictures' numerical work is tiny (a 900 x 900 search, a 600 x 600 product, indexing
+    a few hundred 16 x 16 images): split over threads, it costs more in waking and
+    spinning threads than it computes, most of all on a loaded machine (on the 2 shared
+    cores at load 5: 145 ms for all the pictures with the default 2 threads, 60 ms with 1)."""
+    with contextlib.ExitStack() as stack:
+        controller = _thread_pools()
+        if controller is not None:
+            try:
+                stack.enter_context(controller.limit(limits=1))
+            except Exception:  # a pool it cannot set: as it is
+                pass
+        torch = sys.modules.get("torch")  # only when the process uses it already (the trainer does)
+        if torch is not None and torch.get_num_threads() != 1:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, before)
+        yield
+
+
 def render(inputs: PictureInputs, out_dir: str | Path, names: Sequence[str] | None = None) -> Rendered:
-    """Draw every picture of :data:`PICTURES` (or ``names``) into ``out_dir``. A picture
-    that fails logs one warning and is left out; nothing here raises."""
+    """Draw every picture of :data:`PICTURES` (or ``names``) into ``out_dir``, one thread
+    for the numerical libraries (:func:`single_threaded`). A picture that fails logs one
+    warning and is left out; nothing here raises."""
+    with single_threaded():
+        return _render(inputs, out_dir, names)
+
+
+def _render(inputs: PictureInputs, out_dir: str | Path, names: Sequence[str] | None = None) -> Rendered:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = Rendered()
@@ -614,7 +677,7 @@ def _batch_fn(ds: Any) -> Callable[[np.ndarray], Sequence[np.ndarray]] | None:
 
             b = ds.gather(idx)
             if isinstance(b, torch.Tensor):
-                return list(b.permute(0, 2, 3, 1).cpu().numpy())
+                return b.permute(0, 2, 3, 1).cpu().numpy()
             return [_hwc(b[k]) for k in range(len(idx))]  # an ImageBatch: images of different sizes
 
         return batch
