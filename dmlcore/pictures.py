@@ -30,7 +30,9 @@ fails the run). The sweeper logs the files as artifacts of the trial's MLflow ru
   evaluated epoch, with the selected epoch marked.
 
 Everything is drawn with Pillow (:mod:`dmlcore.charts` for the plots; the retrieval grid
-is a mosaic of the images): no matplotlib import, milliseconds per picture. Large splits are
+is a mosaic of the images) and written by :func:`dmlcore.charts.save_png`: no matplotlib
+import, milliseconds per picture; :func:`render` runs the numerical libraries on one thread
+(:func:`single_threaded`: their thread pools cost more than these small arrays). Large splits are
 subsampled (seeded) for every picture: :data:`MAX_CANDIDATE_QUERIES`,
 :data:`MAX_MAP_POINTS`, :data:`MAX_HTML_POINTS`, :data:`MAX_PAIR_ROWS`.
 """
