@@ -227,8 +227,12 @@ def _fit(img: np.ndarray, size: int) -> np.ndarray:
 
 def _resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
     """``N x h x w x 3`` images as ``N x size x size x 3`` by nearest-neighbour indexing, contiguous."""
-    stack = np.ascontiguousarray(stack, dtype=np.uint8)  # e.g. a channels-first batch seen channels-last
-    h, w = stack.shape[1:3]
+    stack = np.asarray(stack, dtype=np.uint8)
+    n, h, w = stack.shape[:3]
+    if size % h == 0 and size % w == 0:  # whole factors (16 px digits in 48 px tiles): each pixel as a block,
+        fy, fx = size // h, size // w  # the same pixels as the indexing below, one plain copy (~4x faster)
+        return np.broadcast_to(stack[:, :, None, :, None], (n, h, fy, w, fx, 3)).reshape(n, size, size, 3)
+    stack = np.ascontiguousarray(stack)  # e.g. a channels-first batch seen channels-last
     ys, xs = np.arange(size) * h // size, np.arange(size) * w // size
     return np.ascontiguousarray(stack[:, ys][:, :, xs])
 

@@ -118,6 +118,19 @@ def test_similarity_pairs_are_every_pair_once_by_class():
         assert len(pos) + len(neg) == 36
 
 
+def test_tiles_are_nearest_neighbour_resizes():
+    rng = np.random.default_rng(4)
+    for (h, w), size in (((16, 16), 48), ((8, 16), 32), ((10, 20), 48)):  # whole factors, and not
+        stack = rng.integers(0, 256, size=(3, h, w, 3), dtype=np.uint8)
+        want = np.zeros((3, size, size, 3), dtype=np.uint8)
+        for y in range(size):  # tile pixel (y, x) is source pixel (y * h // size, x * w // size)
+            for x in range(size):
+                want[:, y, x] = stack[:, y * h // size, x * w // size]
+        got = pictures.fit_all(stack, size)
+        assert len(got) == 3 and all((g == t).all() for g, t in zip(got, want)), (h, w, size)
+        assert [(g == t).all() for g, t in zip(pictures.fit_all(list(stack), size), want)] == [True] * 3
+
+
 def test_png_writer_round_trips_exactly(tmp_path):
     from dmlcore import charts
 
