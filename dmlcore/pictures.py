@@ -30,7 +30,9 @@ fails the run). The sweeper logs the files as artifacts of the trial's MLflow ru
   evaluated epoch, with the selected epoch marked.
 
 Everything is drawn with Pillow (:mod:`dmlcore.charts` for the plots; the retrieval grid
-is a mosaic of the images): no matplotlib import, milliseconds per picture. Large splits are
+is a mosaic of the images) and written by :func:`dmlcore.charts.save_png`: no matplotlib
+import, milliseconds per picture; :func:`render` runs the numerical libraries on one thread
+(:func:`single_threaded`: their thread pools cost more than these small arrays). Large splits are
 subsampled (seeded) for every picture: :data:`MAX_CANDIDATE_QUERIES`,
 :data:`MAX_MAP_POINTS`, :data:`MAX_HTML_POINTS`, :data:`MAX_PAIR_ROWS`.
 """
@@ -38,12 +40,14 @@ subsampled (seeded) for every picture: :data:`MAX_CANDIDATE_QUERIES`,
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import html
 import io
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .charts import GREY, PALETTE, PNG_LEVEL, Canvas, class_colour, font
+from .charts import GREY, PALETTE, Canvas, class_colour, font, save_png
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +95,14 @@ class Split:
     batch: Callable[[np.ndarray], Sequence["np.ndarray | None"]] | None = None
     """Images of many samples at once (one bulk read); default: :attr:`image` one by one."""
 
-    def images(self, idx: Sequence[int]) -> list[np.ndarray | None]:
-        """``H x W x 3`` uint8 images of samples ``idx`` (None where one cannot be read)."""
+    def images(self, idx: Sequence[int]) -> "np.ndarray | list[np.ndarray | None]":
+        """``H x W x 3`` uint8 images of samples ``idx`` (None where one cannot be read):
+        one ``N x H x W x 3`` array when the split reads them in bulk, else a list."""
         idx = np.asarray(idx, dtype=np.int64)
         if self.batch is not None and len(idx):
             try:
-                return list(self.batch(idx))
+                got = self.batch(idx)
+                return got if isinstance(got, np.ndarray) else list(got)
             except Exception:  # e.g. an unreadable file in the batch: one by one below
                 pass
         return [_safe_image(self, int(i)) for i in idx]
@@ -219,8 +225,23 @@ def _fit(img: np.ndarray, size: int) -> np.ndarray:
     return a[(np.arange(size) * h // size)[:, None], (np.arange(size) * w // size)[None, :]]
 
 
-def fit_all(images: Sequence[np.ndarray | None], size: int) -> list[np.ndarray | None]:
-    """:func:`_fit` of every image; images of one shape are resized together (one indexing)."""
+def _resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
+    """``N x h x w x 3`` images as ``N x size x size x 3`` by nearest-neighbour indexing, contiguous."""
+    stack = np.asarray(stack, dtype=np.uint8)
+    n, h, w = stack.shape[:3]
+    if size % h == 0 and size % w == 0:  # whole factors (16 px digits in 48 px tiles): each pixel as a block,
+        fy, fx = size // h, size // w  # the same pixels as the indexing below, one plain copy (~4x faster)
+        return np.broadcast_to(stack[:, :, None, :, None], (n, h, fy, w, fx, 3)).reshape(n, size, size, 3)
+    stack = np.ascontiguousarray(stack)  # e.g. a channels-first batch seen channels-last
+    ys, xs = np.arange(size) * h // size, np.arange(size) * w // size
+    return np.ascontiguousarray(stack[:, ys][:, :, xs])
+
+
+def fit_all(images: "np.ndarray | Sequence[np.ndarray | None]", size: int) -> list[np.ndarray | None]:
+    """:func:`_fit` of every image; images of one shape are resized together (one indexing;
+    an ``N x H x W x 3`` array of small images: all of them at once)."""
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[3] == 3 and max(images.shape[1:3]) <= 2 * size:
+        return list(_resize_stack(images, size))
     out: list[np.ndarray | None] = [None] * len(images)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
@@ -228,9 +249,7 @@ def fit_all(images: Sequence[np.ndarray | None], size: int) -> list[np.ndarray |
             groups.setdefault(np.shape(img), []).append(i)
     for shape, members in groups.items():
         if len(shape) == 3 and shape[2] == 3 and max(shape[:2]) <= 2 * size:
-            h, w = shape[:2]
-            stack = np.stack([np.asarray(images[i]) for i in members]).astype(np.uint8, copy=False)
-            tiles = stack[:, (np.arange(size) * h // size)[:, None], (np.arange(size) * w // size)[None, :]]
+            tiles = _resize_stack(np.stack([np.asarray(images[i]) for i in members]), size)
             for i, t in zip(members, tiles):
                 out[i] = t
         else:
@@ -316,8 +335,7 @@ def retrieval_grid(inputs: PictureInputs, out_dir: Path, k: int = TOP_K, n_worst
     for yy, text in titles:
         draw.text((MARGIN, yy), text, fill=(0, 0, 0), font=font(12))
     path = Path(out_dir) / "retrieval_grid.png"
-    image.save(path, format="PNG", compress_level=PNG_LEVEL)
-    return [path]
+    return [save_png(image, path)]
 
 
 # ----------------------------------------------------------------------------- charts
@@ -352,7 +370,7 @@ def spectrum_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
 def pair_similarities(emb: np.ndarray, labels: np.ndarray, distance: str, max_rows: int, seed: int
                       ) -> tuple[np.ndarray, np.ndarray]:
     """``(positive, negative)`` pair values (cosine similarity, or euclidean distance) of all
-    pairs ``i < j`` among at most ``max_rows`` seeded samples."""
+    pairs ``i < j`` among at most ``max_rows`` seeded samples, each in row-major pair order."""
     n = len(labels)
     rows = np.arange(n) if n <= max_rows else np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
     x = np.asarray(emb, dtype=np.float32)[rows]
@@ -363,27 +381,27 @@ def pair_similarities(emb: np.ndarray, labels: np.ndarray, distance: str, max_ro
     else:
         sq = (x * x).sum(1)
         v = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
-    iu = np.triu_indices(len(rows), k=1)
-    same = y[iu[0]] == y[iu[1]]
-    vals = v[iu]
-    return vals[same], vals[~same]
+    upper = np.triu(np.ones((len(rows), len(rows)), dtype=bool), k=1)  # pairs i < j (boolean masks: no index arrays)
+    same = y[:, None] == y[None, :]
+    return v[upper & same], v[upper & ~same]
 
 
 def similarity_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
     if inputs.test is None:
         raise Skip("no test embeddings")
     pos, neg = pair_similarities(inputs.test.emb, inputs.test.labels, inputs.distance, MAX_PAIR_ROWS, inputs.seed)
-    allv = np.concatenate([pos, neg])
-    if not len(allv):
+    if not len(pos) + len(neg):
         raise Skip("fewer than two test samples")
+    lo = min(float(v.min()) for v in (pos, neg) if len(v))
+    hi = max(float(v.max()) for v in (pos, neg) if len(v)) + 1e-9
     what = "cosine similarity" if inputs.distance == "cosine" else "euclidean distance"
     c = Canvas(520, 320, xlabel=f"{what} of test pairs (selected epoch {inputs.best_epoch})")
     p = c.panels[0]
     p.title = "positive and negative pairs (density)"
-    edges = np.linspace(allv.min(), allv.max() + 1e-9, 51)
     for vals, name, col in ((pos, "positive (same class)", PALETTE[2]), (neg, "negative", PALETTE[3])):
         if len(vals):
-            h, _ = np.histogram(vals, edges, density=True)
+            # 50 equal bins given as (bins, range): numpy's binning by arithmetic, not a sort of the values
+            h, edges = np.histogram(vals, 50, range=(lo, hi), density=True)
             p.stairs(h, edges, col, f"{name}: {len(vals)} pairs, mean {vals.mean():.3f}")
     return [c.save(Path(out_dir) / "similarities.png")]
 
@@ -481,12 +499,16 @@ def sprite_sheet(images: Sequence[np.ndarray | None], size: int = THUMB) -> tupl
 
     cols = max(1, int(math.ceil(math.sqrt(max(len(images), 1)))))
     rows = max(1, int(math.ceil(len(images) / cols)))
-    grid = np.full((rows * size, cols * size, 3), 200, dtype=np.uint8)
-    for i, tile in enumerate(fit_all(images, size)):
-        if tile is not None:
-            r, c = divmod(i, cols)
-            grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = tile
-    sheet = Image.fromarray(grid)
+    tiles = np.full((rows * cols, size, size, 3), 200, dtype=np.uint8)
+    fitted = fit_all(images, size)
+    have = [i for i, t in enumerate(fitted) if t is not None]
+    if len(have) == len(fitted) and len(have):
+        tiles[:len(have)] = fitted
+    elif have:
+        tiles[have] = np.stack([fitted[i] for i in have])
+    # tile i at row i // cols, column i % cols
+    grid = tiles.reshape(rows, cols, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(rows * size, cols * size, 3)
+    sheet = Image.fromarray(np.ascontiguousarray(grid))
     buf = io.BytesIO()
     sheet.save(buf, format="JPEG", quality=90)  # thumbnails: a JPEG encodes ~10x faster than a PNG
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), cols
@@ -530,8 +552,8 @@ def embedding_map_html(xy: np.ndarray, colours: Sequence[tuple[int, int, int]], 
     """A self-contained HTML page (inline SVG, one sprite sheet, a few lines of JS; nothing
     fetched): one dot per point in its class colour; hover shows the sample's image and class."""
     sprite, cols = sprite_sheet(images)
-    data = [[round(float(a), 4), round(float(b), 4), "rgb(%d,%d,%d)" % tuple(c), nm, int(s)]
-            for (a, b), c, nm, s in zip(xy, colours, names, samples)]
+    xy = np.round(np.asarray(xy, dtype=np.float64), 4).tolist()
+    data = [[a, b, "rgb(%d,%d,%d)" % tuple(c), nm, int(s)] for (a, b), c, nm, s in zip(xy, colours, names, samples)]
     return (HTML_TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__SUB__", html.escape(subtitle))
             .replace("__SPRITE__", sprite).replace("__COLS__", str(cols))
             .replace("__DATA__", json.dumps(data).replace("</", "<\\/")))
@@ -548,17 +570,19 @@ def embedding_map_picture(inputs: PictureInputs, out_dir: Path) -> list[Path]:
     pos = np.searchsorted(classes, labs)
     c = Canvas(560, 470, title=title)
     p = c.panels[0]
-    colours = [class_colour(int(i), len(classes)) for i in pos]
+    table = [class_colour(i, len(classes)) for i in range(len(classes))]
+    names = [q.name(int(cl)) for cl in classes]
+    colours = [table[i] for i in pos.tolist()]
     p.dots(xy[:, 0], xy[:, 1], colours)
     if len(classes) <= 10:  # a legend of the classes
-        for i, cl in enumerate(classes):
-            p.key(q.name(int(cl))[:16], class_colour(i, len(classes)))
+        for i in range(len(classes)):
+            p.key(names[i][:16], table[i])
     files = [c.save(Path(out_dir) / "embedding_map.png")]
     h = np.arange(len(rows)) if len(rows) <= MAX_HTML_POINTS else np.sort(
         np.random.default_rng(inputs.seed + 1).choice(len(rows), MAX_HTML_POINTS, replace=False))
     sub = rows[h]
     page = embedding_map_html(
-        xy[h], [colours[i] for i in h], [q.name(int(cl)) for cl in labs[h]], q.images(sub),
+        xy[h], [colours[i] for i in h.tolist()], [names[i] for i in pos[h].tolist()], q.images(sub),
         sub.tolist(),
         title, f"{len(h)} points; hover a point for its image and class.",
     )
@@ -577,9 +601,55 @@ PICTURES: dict[str, Callable[[PictureInputs, Path], list[Path]]] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _thread_pools() -> Any:
+    """threadpoolctl's controller of the loaded BLAS and OpenMP libraries, made once (it
+    reads every loaded library: ~5 ms) after faiss is loaded; None without threadpoolctl."""
+    try:
+        import faiss  # noqa: F401  (its OpenMP pool: the retrieval grid's search)
+    except Exception:
+        pass
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        return ThreadpoolController()
+    except Exception:  # not installed (it comes with scikit-learn)
+        return None
+
+
+@contextlib.contextmanager
+def single_threaded() -> Any:
+    """numpy's BLAS, the OpenMP pools (faiss, torch) and torch's intra-op threads limited to
+    one thread for the body, then set back.
+
+    The pictures' numerical work is tiny (a 900 x 900 search, a 600 x 600 product, indexing
+    a few hundred 16 x 16 images): split over threads, it costs more in waking and
+    spinning threads than it computes, most of all on a loaded machine (on the 2 shared
+    cores at load 5: 145 ms for all the pictures with the default 2 threads, 60 ms with 1)."""
+    with contextlib.ExitStack() as stack:
+        controller = _thread_pools()
+        if controller is not None:
+            try:
+                stack.enter_context(controller.limit(limits=1))
+            except Exception:  # a pool it cannot set: as it is
+                pass
+        torch = sys.modules.get("torch")  # only when the process uses it already (the trainer does)
+        if torch is not None and torch.get_num_threads() != 1:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, before)
+        yield
+
+
 def render(inputs: PictureInputs, out_dir: str | Path, names: Sequence[str] | None = None) -> Rendered:
-    """Draw every picture of :data:`PICTURES` (or ``names``) into ``out_dir``. A picture
-    that fails logs one warning and is left out; nothing here raises."""
+    """Draw every picture of :data:`PICTURES` (or ``names``) into ``out_dir``, one thread
+    for the numerical libraries (:func:`single_threaded`). A picture that fails logs one
+    warning and is left out; nothing here raises."""
+    with single_threaded():
+        return _render(inputs, out_dir, names)
+
+
+def _render(inputs: PictureInputs, out_dir: str | Path, names: Sequence[str] | None = None) -> Rendered:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = Rendered()
@@ -603,29 +673,33 @@ def _hwc(x: Any) -> np.ndarray:
 
 
 def _batch_fn(ds: Any) -> Callable[[np.ndarray], Sequence[np.ndarray]] | None:
-    """Bulk reads: an in-memory split as one ``N x H x W x 3`` array (made once, then plain
-    numpy indexing), a decoded cache by ``gather``; None when the split can do neither."""
+    """Bulk reads of only the samples asked for: ``gather`` (the in-memory tensor or the
+    decoded cache, one indexing), else the split's in-memory images (made once, when first
+    needed); None when the split can do neither. Nothing is read before a picture asks:
+    copying a whole split here cost more than all the images the pictures show."""
+    if getattr(ds, "can_gather", False):
+        def batch(idx: np.ndarray) -> list[np.ndarray]:
+            import torch
+
+            b = ds.gather(idx)
+            if isinstance(b, torch.Tensor):
+                return b.permute(0, 2, 3, 1).cpu().numpy()
+            return [_hwc(b[k]) for k in range(len(idx))]  # an ImageBatch: images of different sizes
+
+        return batch
+    if not hasattr(ds, "in_memory_images"):
+        return None
     held: list[np.ndarray] = []
 
     def in_memory(idx: np.ndarray) -> np.ndarray:
         if not held:
-            held.append(ds.in_memory_images().permute(0, 2, 3, 1).cpu().numpy())
+            images = ds.in_memory_images()
+            if images is None:
+                raise LookupError("the split holds no images in memory")  # Split.images: one by one
+            held.append(images.permute(0, 2, 3, 1).cpu().numpy())
         return held[0][idx]
 
-    if hasattr(ds, "in_memory_images") and ds.in_memory_images() is not None:
-        return in_memory
-    if not getattr(ds, "can_gather", False):
-        return None
-
-    def batch(idx: np.ndarray) -> list[np.ndarray]:
-        import torch
-
-        b = ds.gather(idx)
-        if isinstance(b, torch.Tensor):
-            return list(b.permute(0, 2, 3, 1).cpu().numpy())
-        return [_hwc(b[k]) for k in range(len(idx))]  # an ImageBatch: images of different sizes
-
-    return batch
+    return in_memory
 
 
 def _image_fn(ds: Any) -> ImageFn:

@@ -101,6 +101,75 @@ def test_spectrum_chart_plots_numpys_singular_values():
     assert f"{rho:.3g}" in right.title
 
 
+def test_similarity_pairs_are_every_pair_once_by_class():
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(9, 4)).astype(np.float32)
+    labels = np.array([0, 1, 0, 2, 1, 0, 2, 2, 1])
+    for distance in ("cosine", "euclidean"):
+        pos, neg = pictures.pair_similarities(emb, labels, distance, max_rows=50, seed=0)
+        want = {True: [], False: []}  # every pair i < j, in that order, by brute force here
+        for i in range(9):
+            for j in range(i + 1, 9):
+                a, b = emb[i].astype(np.float64), emb[j].astype(np.float64)
+                v = a @ b / np.linalg.norm(a) / np.linalg.norm(b) if distance == "cosine" else np.linalg.norm(a - b)
+                want[bool(labels[i] == labels[j])].append(v)
+        np.testing.assert_allclose(pos, want[True], atol=1e-5)
+        np.testing.assert_allclose(neg, want[False], atol=1e-5)
+        assert len(pos) + len(neg) == 36
+
+
+def test_tiles_are_nearest_neighbour_resizes():
+    rng = np.random.default_rng(4)
+    for (h, w), size in (((16, 16), 48), ((8, 16), 32), ((10, 20), 48)):  # whole factors, and not
+        stack = rng.integers(0, 256, size=(3, h, w, 3), dtype=np.uint8)
+        want = np.zeros((3, size, size, 3), dtype=np.uint8)
+        for y in range(size):  # tile pixel (y, x) is source pixel (y * h // size, x * w // size)
+            for x in range(size):
+                want[:, y, x] = stack[:, y * h // size, x * w // size]
+        got = pictures.fit_all(stack, size)
+        assert len(got) == 3 and all((g == t).all() for g, t in zip(got, want)), (h, w, size)
+        assert [(g == t).all() for g, t in zip(pictures.fit_all(list(stack), size), want)] == [True] * 3
+
+
+def test_png_writer_round_trips_exactly(tmp_path):
+    from dmlcore import charts
+
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)  # noise: every row difference wraps modulo 256
+    a[5:9] = 255  # and a flat band (rows equal to the row above)
+    back = np.asarray(Image.open(charts.save_png(a, tmp_path / "a.png")))
+    assert back.dtype == np.uint8 and back.shape == a.shape and (back == a).all()
+    im = Image.fromarray(np.dstack([a, a[:, :, :1]]), "RGBA")  # another mode: stored as its RGB
+    back = np.asarray(Image.open(charts.save_png(im, tmp_path / "b.png")))
+    assert (back == np.asarray(im.convert("RGB"))).all()
+
+
+def test_render_runs_the_numerical_libraries_on_one_thread_and_sets_them_back(tmp_path, monkeypatch):
+    import torch
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def probe(inputs, out):
+        seen["torch"] = torch.get_num_threads()
+        seen["pools"] = {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpool_info()}
+        return []
+
+    monkeypatch.setattr(pictures, "PICTURES", {"probe": probe})
+    torch.set_num_threads(2)
+    try:
+        pools_before = {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpool_info()}
+        res = pictures.render(_inputs(*_hand_made()), tmp_path)
+        assert not res.failed and seen["torch"] == 1
+        assert seen["pools"] and all(n == 1 for n in seen["pools"].values()), seen["pools"]
+        assert torch.get_num_threads() == 2
+        after = {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpool_info()}
+        assert {k: v for k, v in after.items() if k in pools_before} == pools_before
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_every_picture_is_drawn_and_a_failing_one_is_one_warning(tmp_path, monkeypatch, caplog):
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(4), 10)
