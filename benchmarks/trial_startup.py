@@ -54,9 +54,13 @@ t_first = time.perf_counter() - t1
 t2 = time.perf_counter()
 trial(1, uri)
 t_second = time.perf_counter() - t2
-lazy = sorted(m for m in ("scipy.stats", "torch._dynamo", "torch._inductor", "pytorch_metric_learning", "sklearn",
-                          "faiss", "pandas", "optuna") if m in sys.modules
-              and type(sys.modules[m]).__name__ != "_LazyModule")
+try:
+    from dmlcore.lazy import is_loaded  # a deferred module (dmlcore/lazy.py) is not loaded
+except ImportError:  # --tree: an older checkout
+    def is_loaded(m):
+        return m in sys.modules
+lazy = sorted(m for m in ("scipy.stats", "scipy.special", "torch._dynamo", "torch._inductor", "pytorch_metric_learning",
+                          "sklearn", "faiss", "pandas", "optuna", "matplotlib") if is_loaded(m))
 print("RESULT " + json.dumps({"imports": t_imports, "first": t_first, "second": t_second, "loaded": lazy}))
 """
 
