@@ -33,7 +33,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(ROOT)]
 from sweep_overhead import BASE  # noqa: E402
 
 WARM = ("ray.tune", "torch", "torch._dynamo", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "dmlcore.data",
@@ -66,10 +66,11 @@ def one(variant: str, cpus: int) -> dict[str, float]:
         raise SystemExit(f"sweeper run failed ({variant}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     from mlflow import MlflowClient
 
+    from sweeper.tracking import TAG_ROLE
+
     c = MlflowClient(uri)
     exp = c.get_experiment_by_name("first_epoch")
-    trials = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("sweeper.role", r.data.tags.get("role")) == "trial"
-              or "epoch" in r.data.metrics]
+    trials = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get(TAG_ROLE) == "trial"]
     starts = [r.info.start_time / 1000 - t0 for r in trials]
     epochs = []
     for r in trials:
