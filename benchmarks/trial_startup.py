@@ -6,11 +6,15 @@ store and the trial's run (params, tags, config.yaml), build and fit the tiny tr
 `sweep_overhead.py` (digits, one epoch of 5 steps) reporting to MLflow; then fits the same
 trial again in the same process. Fixed start-up = (imports + first trial) - second trial.
 
-    python benchmarks/trial_startup.py [--tree PATH] [--repeat 3]
+    python benchmarks/trial_startup.py [--tree PATH] [--against PATH] [--repeat 3]
 
-`--tree` runs another checkout's code (e.g. a copy of main) for a before/after
-comparison. Prints the median over `--repeat` fresh processes and the largest imports
-(cumulative, top level) of the last one.
+`--tree` runs another checkout's code (e.g. a copy of main); `--against PATH` runs a
+second checkout's code too, alternating the two process by process, so a before/after
+ratio is measured under the same load (a shared machine's load moves within a minute).
+Prints the median over `--repeat` fresh processes of each and the largest imports
+(cumulative, top level) of the last one. The child runs in the checkout's folder (a
+`-c` script has the current folder first on sys.path: run elsewhere, `--tree` would
+import the current folder's code).
 """
 
 from __future__ import annotations
@@ -54,9 +58,13 @@ t_first = time.perf_counter() - t1
 t2 = time.perf_counter()
 trial(1, uri)
 t_second = time.perf_counter() - t2
-lazy = sorted(m for m in ("scipy.stats", "torch._dynamo", "torch._inductor", "pytorch_metric_learning", "sklearn",
-                          "faiss", "pandas", "optuna") if m in sys.modules
-              and type(sys.modules[m]).__name__ != "_LazyModule")
+try:
+    from dmlcore.lazy import is_loaded  # a deferred module (dmlcore/lazy.py) is not loaded
+except ImportError:  # --tree: an older checkout
+    def is_loaded(m):
+        return m in sys.modules
+lazy = sorted(m for m in ("scipy.stats", "scipy.special", "torch._dynamo", "torch._inductor", "pytorch_metric_learning",
+                          "sklearn", "faiss", "pandas", "optuna", "matplotlib") if is_loaded(m))
 print("RESULT " + json.dumps({"imports": t_imports, "first": t_first, "second": t_second, "loaded": lazy}))
 """
 
@@ -65,7 +73,7 @@ def one(tree: Path, uri: str) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(tree), "MPLBACKEND": "Agg", "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_LOGGING_LEVEL": "WARNING"}
     p = subprocess.run([sys.executable, "-X", "importtime", "-c", CHILD, str(HERE), uri], env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, cwd=str(tree))
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"the child failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
@@ -84,24 +92,35 @@ def top_imports(importtime: str, n: int = 8) -> list[tuple[float, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", type=Path, default=HERE.parent, help="the checkout whose code runs")
+    ap.add_argument("--against", type=Path, default=None, help="a second checkout, run alternately (before/after)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    trees = [args.tree.resolve()] + ([args.against.resolve()] if args.against else [])
     tmp = Path(tempfile.mkdtemp(prefix="dml-startup-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    one(args.tree, uri)  # creates the store (a schema migration, not a trial's cost)
-    res, imp = [], ""
+    one(trees[0], uri)  # creates the store (a schema migration, not a trial's cost)
+    res: dict[Path, list[dict]] = {t: [] for t in trees}
+    imp: dict[Path, str] = {}
+    loads = [os.getloadavg()[0]]
     for _ in range(args.repeat):
-        r, imp = one(args.tree, uri)
-        res.append(r)
-    med = {k: statistics.median(r[k] for r in res) for k in ("imports", "first", "second")}
-    fixed = med["imports"] + med["first"] - med["second"]
-    print(f"code: {args.tree}; load average {os.getloadavg()[0]:.1f}; median of {args.repeat} fresh processes")
-    print(f"imports {med['imports']:.2f} s, first trial {med['first']:.2f} s, second trial {med['second']:.2f} s: "
-          f"fixed start-up {fixed:.2f} s")
-    print("loaded by a tiny trial:", ", ".join(res[-1]["loaded"]))
-    print("largest top-level imports (cumulative s):")
-    for s, name in top_imports(imp):
-        print(f"  {s:6.2f}  {name}")
+        for t in trees:
+            r, imp[t] = one(t, uri)
+            res[t].append(r)
+            loads.append(os.getloadavg()[0])
+    print(f"load average {min(loads):.1f}-{max(loads):.1f} during the run; median of {args.repeat} fresh processes each")
+    fixed_of = {}
+    for t in trees:
+        med = {k: statistics.median(r[k] for r in res[t]) for k in ("imports", "first", "second")}
+        fixed_of[t] = med["imports"] + med["first"] - med["second"]
+        print(f"\ncode: {t}")
+        print(f"imports {med['imports']:.2f} s, first trial {med['first']:.2f} s, second trial {med['second']:.2f} s: "
+              f"fixed start-up {fixed_of[t]:.2f} s")
+        print("loaded by a tiny trial:", ", ".join(res[t][-1]["loaded"]))
+        print("largest top-level imports (cumulative s):")
+        for sec, name in top_imports(imp[t]):
+            print(f"  {sec:6.2f}  {name}")
+    if len(trees) == 2:
+        print(f"\nfixed start-up, {trees[0].name} / {trees[1].name}: {fixed_of[trees[0]] / fixed_of[trees[1]]:.2f}")
 
 
 if __name__ == "__main__":

@@ -342,15 +342,13 @@ def retrieval_grid(inputs: PictureInputs, out_dir: Path, k: int = TOP_K, n_worst
 def spectrum_chart(train_emb: np.ndarray, rho_m: int = 2) -> Canvas:
     """Left: the singular values of the train embeddings; right: the normalised spectrum
     ``s`` rho compares with the uniform ``U`` (the first ``|rho_m| - 1`` values dropped)."""
-    from scipy.stats import entropy
-
-    from .metrics.embedding_space import singular_values
+    from .metrics.embedding_space import kl_divergence, singular_values
 
     sv = singular_values(train_emb)  # one SVD; s and rho from it as dmlcore.metrics.embedding_space does
     m = abs(int(rho_m)) if rho_m else 1
     s = sv[m - 1:] / sv[m - 1:].sum()
     u = np.full(len(s), 1.0 / len(s))
-    rho = float(entropy(u, s) if rho_m > 0 else entropy(s, u)) if rho_m else float("nan")
+    rho = (kl_divergence(u, s) if rho_m > 0 else kl_divergence(s, u)) if rho_m else float("nan")
     c = Canvas(760, 300, 1, 2, ylog=True, xinteger=True, xlabel="index (descending)")
     left, right = c.panels
     left.title = "singular values of the train embeddings"

@@ -11,6 +11,7 @@ import torch
 from scipy.spatial.distance import cdist, pdist
 from scipy.stats import entropy
 
+from dmlcore.metrics.embedding_space import kl_divergence
 from dmlcore.metrics import (
     embedding_space_metrics,
     per_class_intra,
@@ -127,6 +128,24 @@ def test_spectrum_helper():
     # rank-deficient embeddings (rank 2 in 4-d): near-zero singular values -> very large rho
     assert rho_spectrum(np.repeat(x[:2, :4], 3, axis=0), 2) > 5
     assert np.isnan(spectrum(np.zeros((4, 3)))).all()
+
+
+def test_kl_divergence_is_scipy_entropy():
+    """rho's KL in numpy (no scipy.stats import in a trial) equals scipy.stats.entropy(p, q)."""
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 64, 513):
+        p, q = rng.random(n) * 5, rng.random(n) ** 3
+        assert kl_divergence(p, q) == pytest.approx(float(entropy(p, q)), rel=1e-12, abs=1e-15)
+        u = np.full(n, 1.0 / n)
+        assert kl_divergence(u, q) == pytest.approx(float(entropy(u, q)), rel=1e-12, abs=1e-15)
+    # the special cases of rel_entr: p = 0 adds nothing, p > 0 = q is inf, NaN stays NaN
+    cases = [([0.0, 1.0, 3.0], [0.5, 0.25, 0.25]), ([0.2, 0.8], [0.0, 1.0]), ([0.0, 1.0], [0.0, 1.0]),
+             ([np.nan, 1.0], [0.5, 0.5]), ([0.5, 0.5], [np.nan, 1.0]), ([1.0, 1.0], [0.0, 0.0])]
+    for p, q in cases:
+        want = float(entropy(p, q))
+        got = kl_divergence(p, q)
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-12), (p, q, got, want)
+    assert math.isinf(kl_divergence([0.2, 0.8], [0.0, 1.0]))
 
 
 def test_edge_cases():

@@ -17,10 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pytorch_metric_learning import miners as M
 from torch import Tensor
 
-from ..registry import register
+from ..lazy import defer_pml_imports
+
+defer_pml_imports()  # scipy.stats and scipy.special: PML imports them, a trial never calls them
+from pytorch_metric_learning import miners as M  # noqa: E402
+
+from ..registry import register  # noqa: E402
 
 SEEDED = ("embed_dim", "train_seed")
 

@@ -17,11 +17,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pytorch_metric_learning import losses as L
-from pytorch_metric_learning import regularizers as R
 from torch import nn
 
-from ..registry import register
+from ..lazy import defer_pml_imports
+
+defer_pml_imports()  # scipy.stats and scipy.special: PML imports them, a trial never calls them
+from pytorch_metric_learning import losses as L  # noqa: E402
+from pytorch_metric_learning import regularizers as R  # noqa: E402
+
+from ..registry import register  # noqa: E402
 
 CTX = ("num_classes", "embed_dim")
 
