@@ -500,9 +500,7 @@ def sprite_sheet(images: Sequence[np.ndarray | None], size: int = THUMB) -> tupl
     tiles = np.full((rows * cols, size, size, 3), 200, dtype=np.uint8)
     fitted = fit_all(images, size)
     have = [i for i, t in enumerate(fitted) if t is not None]
-    if len(have) == len(fitted) and len(have):
-        tiles[:len(have)] = fitted
-    elif have:
+    if have:
         tiles[have] = np.stack([fitted[i] for i in have])
     # tile i at row i // cols, column i % cols
     grid = tiles.reshape(rows, cols, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(rows * size, cols * size, 3)

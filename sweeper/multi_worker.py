@@ -41,11 +41,11 @@ This module is the only place that imports Ray Train.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -53,6 +53,8 @@ from dmlcore.config import RunConfig
 
 from . import tracking
 from .tune import TrialContext, TuneReporter
+
+_log = logging.getLogger(__name__)
 
 TRIAL_DRIVER = "trial_driver"
 """The custom resource a multi-worker trial's driver reserves (one unit each)."""
@@ -231,7 +233,7 @@ def train_fit(cfg: RunConfig, resume: Mapping[str, Any] | None, logger: tracking
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",  # V2 resumes an existing (storage, name): a retried trial continues
             storage_path=storage,
-            callbacks=[TrialReportCallback(ctx, logger.run_id if logger is not None else None)],
+            callbacks=[TrialReportCallback(logger.run_id if logger is not None else None)],
             failure_config=ray.train.FailureConfig(
                 max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
             ),
@@ -277,9 +279,9 @@ def _trial_report_callback_class() -> type:
         session) with the trial's MLflow run id added: the driver logs the epoch when Tune
         takes it (:class:`EpochLogCallback`)."""
 
-        def __init__(self, ctx: TrialContext, run_id: str | None):
+        def __init__(self, run_id: str | None):
             super().__init__()
-            self.ctx, self.run_id = ctx, run_id
+            self.run_id = run_id
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             first = dict(metrics[0])
@@ -290,8 +292,8 @@ def _trial_report_callback_class() -> type:
     return TrialReportCallback
 
 
-def TrialReportCallback(ctx: TrialContext, run_id: str | None) -> Any:  # noqa: N802 (a class, built lazily)
-    return _trial_report_callback_class()(ctx, run_id)
+def TrialReportCallback(run_id: str | None) -> Any:  # noqa: N802 (a class, built lazily)
+    return _trial_report_callback_class()(run_id)
 
 
 class TrainReporter(TuneReporter):
@@ -352,9 +354,7 @@ def log_epoch(result: Mapping[str, Any]) -> None:
     try:
         _EPOCH_TRACKER[-1].log_metrics(str(run_id), metrics, int(step))
     except Exception as err:  # tracking trouble never stops the study
-        import logging
-
-        logging.getLogger(__name__).warning("could not log epoch %s of run %s: %s", step, run_id,
+        _log.warning("could not log epoch %s of run %s: %s", step, run_id,
                                             tracking.error_line(err))
 
 
